@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# GPU checks and the demo measurement on a machine with CUDA GPUs, in one call.
+# Usage: scripts/gpu_check.sh [OUTPUT_DIR]   (JSON results land in OUTPUT_DIR, default ./gpu_results)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-gpu_results}"
+mkdir -p "$out"
+# NVLink multicast stays off: it is not needed for point-to-point rings.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+status=0
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+python3 -c 'import torch; print("torch", torch.__version__)'
+
+echo "== correctness: kernels and ring over NCCL on $gpus GPUs"
+timeout 900 python3 -m torch.distributed.run --standalone --nproc-per-node="$gpus" \
+    scripts/gpu_check.py --json "$out/gpu_check.json" 2>&1 | tee "$out/gpu_check.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== demo: default size, and 128K tokens"
+timeout 600 python3 -m ringattn demo --json "$out/demo_default.json" || status=1
+timeout 600 python3 -m ringattn demo --seq-len 131072 --json "$out/demo_128k.json" || status=1
+exit $status

@@ -1,0 +1,12 @@
+"""ringattn: exact attention over sequences sharded across GPUs (ring attention).
+
+>>> out = ringattn.ring_attention(q_shard, k_shard, v_shard, causal=True)
+"""
+
+from . import reference
+from .api import ring_attention, shard, unshard
+from .kernels import BACKENDS
+from .layout import LAYOUTS
+
+__all__ = ["BACKENDS", "LAYOUTS", "reference", "ring_attention", "shard", "unshard"]
+__version__ = "0.1.0"

@@ -1,0 +1,83 @@
+"""Run a function on N local Gloo ranks and collect what each rank returns."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import os
+import queue
+import tempfile
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+# A rank that waits longer than this on a collective fails instead of hanging the suite.
+COLLECTIVE_TIMEOUT_S = 60
+
+
+def _entry(
+    fn: Callable[..., Any], rank: int, world_size: int, init_file: str, args: tuple, results: Any
+) -> None:
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+        )
+        try:
+            # Bytes, not tensors: shared-memory tensors would die with this process.
+            buffer = io.BytesIO()
+            torch.save(fn(rank, world_size, *args), buffer)
+            results.put((rank, "ok", buffer.getvalue()))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - report anything to the parent
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def run_ranks(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned Gloo ranks.
+
+    Returns each rank's result in rank order; raises if a rank failed or did not finish.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        procs = [
+            ctx.Process(target=_entry, args=(fn, r, world_size, init_file, args, results))
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        collected: dict[int, Any] = {}
+        errors = []
+        try:
+            for _ in range(world_size):
+                rank, status, value = results.get(timeout=timeout)
+                if status == "ok":
+                    collected[rank] = torch.load(io.BytesIO(value), weights_only=False)
+                else:
+                    errors.append(f"rank {rank}:\n{value}")
+        except queue.Empty:
+            errors.append(
+                f"ranks {sorted(set(range(world_size)) - set(collected))} did not finish "
+                f"within {timeout}s"
+            )
+        finally:
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+    if errors:
+        raise AssertionError("\n".join(errors))
+    return [collected[r] for r in range(world_size)]
