@@ -161,7 +161,7 @@ def _scenario(name: str, rank: int, world: int) -> dict:
     a = _good(rank, world)
     q, k, v = a["q"], a["k"], a["v"]
     if name == "q_not_tensor":
-        a["q"] = q.numpy()
+        a["q"] = q.tolist()
     elif name == "q_3d":
         a["q"] = q[0]
     elif name == "k_dtype":
