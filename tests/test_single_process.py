@@ -55,7 +55,7 @@ def _attended_pairs(world: int, causal: bool, layout: str, length: int = 4) -> t
 
 @pytest.mark.parametrize(
     "world,causal,layout",
-    itertools.product([1, 2, 3, 4, 6], [True, False], ["zigzag", "contiguous"]),
+    list(itertools.product([1, 2, 3, 4, 6], [True, False], ["zigzag", "contiguous"])),
 )
 def test_plans_cover_every_allowed_pair_exactly_once(world, causal, layout) -> None:
     count = _attended_pairs(world, causal, layout)

@@ -352,6 +352,19 @@ def ring_attention(
     return (out, lse) if return_lse else out
 
 
+def _check_shard_arguments(
+    x: object, group: object, dim: object, layout: object
+) -> tuple[dist.ProcessGroup, int]:
+    pg = comm.resolve_group(group)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim must be an int in [-{x.dim()}, {x.dim()}), got {dim!r}")
+    return pg, dim % x.dim()
+
+
 def shard(x: Tensor, group: object = None, *, dim: int = 2, layout: str = "zigzag") -> Tensor:
     """This rank's shard of the full tensor ``x`` (identical on every rank) along ``dim``.
 
@@ -359,15 +372,8 @@ def shard(x: Tensor, group: object = None, *, dim: int = 2, layout: str = "zigza
     ``"contiguous"`` keeps chunk r of N (a view). ``x.size(dim)`` must divide evenly.
     Needs no communication. Differentiable.
     """
-    group = comm.resolve_group(group)
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    dim = _normalize_dim(x, dim)
-    return shard_for_rank(
-        x, dist.get_rank(group), dist.get_world_size(group), dim=dim, layout=layout
-    )
+    pg, dim = _check_shard_arguments(x, group, dim, layout)
+    return shard_for_rank(x, dist.get_rank(pg), dist.get_world_size(pg), dim=dim, layout=layout)
 
 
 def unshard(x: Tensor, group: object = None, *, dim: int = 2, layout: str = "zigzag") -> Tensor:
@@ -376,21 +382,9 @@ def unshard(x: Tensor, group: object = None, *, dim: int = 2, layout: str = "zig
     The inverse of :func:`shard`; every rank's shard must have the same shape.
     Communicates (an all-gather) and returns a tensor without gradient history.
     """
-    group = comm.resolve_group(group)
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    dim = _normalize_dim(x, dim)
-    world_size = dist.get_world_size(group)
-    if layout == "zigzag" and world_size > 1 and x.size(dim) % 2:
+    pg, dim = _check_shard_arguments(x, group, dim, layout)
+    if layout == "zigzag" and dist.get_world_size(pg) > 1 and x.size(dim) % 2:
         raise ValueError(
             f"x.size({dim}) = {x.size(dim)} must be even: a zigzag shard holds two equal chunks"
         )
-    return unshard_shards(comm.all_gather(x.detach(), group), dim=dim, layout=layout)
-
-
-def _normalize_dim(x: Tensor, dim: int) -> int:
-    if not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
-        raise ValueError(f"dim must be an int in [-{x.dim()}, {x.dim()}), got {dim!r}")
-    return dim % x.dim()
+    return unshard_shards(comm.all_gather(x.detach(), pg), dim=dim, layout=layout)

@@ -12,6 +12,7 @@ reach their home rank after N steps.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,22 +108,34 @@ def add_block_grads(
     plan.kv_part.take(dv).add_(bdv)
 
 
-def _ring_forward(q: Tensor, k: Tensor, v: Tensor, call: RingCall) -> tuple[Tensor, Tensor, Any]:
-    acc = ForwardAccumulator()
+def _kv_blocks(
+    k: Tensor, v: Tensor, call: RingCall
+) -> Iterator[tuple[BlockPlan | None, Tensor, Tensor]]:
+    """Yield each step's plan with the K/V block held then.
+
+    The transfer of the next block is posted before each yield, so it overlaps whatever the
+    caller computes on the current block, and received into one of two alternating buffers.
+    """
     steps = len(call.plans)
-    k_cur, v_cur = k, v
     buffers = [(torch.empty_like(k), torch.empty_like(v)) for _ in range(min(2, steps - 1))]
+    k_cur, v_cur = k, v
     for step, plan in enumerate(call.plans):
         pending: PendingShift | None = None
         if step + 1 < steps:
             assert call.ring is not None
             k_next, v_next = buffers[step % 2]
             pending = call.ring.shift((k_cur, v_cur), (k_next, v_next))
-        if plan is not None:
-            acc.add(plan, *block_forward(call.kernel, plan, q, k_cur, v_cur, call.scale))
+        yield plan, k_cur, v_cur
         if pending is not None:
             pending.wait()
             k_cur, v_cur = k_next, v_next
+
+
+def _ring_forward(q: Tensor, k: Tensor, v: Tensor, call: RingCall) -> tuple[Tensor, Tensor, Any]:
+    acc = ForwardAccumulator()
+    for plan, k_cur, v_cur in _kv_blocks(k, v, call):
+        if plan is not None:
+            acc.add(plan, *block_forward(call.kernel, plan, q, k_cur, v_cur, call.scale))
     assert acc.out is not None and acc.lse is not None
     return acc.out.to(q.dtype), acc.lse, acc.aux
 
@@ -137,7 +150,6 @@ def _ring_backward(
     aux: Any,
     call: RingCall,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    steps = len(call.plans)
     acc_dtype = accumulation_dtype(q.dtype)
     dq = torch.zeros_like(q, dtype=acc_dtype)
     # dK/dV accumulators: one being added to and sent, one being received into.
@@ -145,16 +157,9 @@ def _ring_backward(
         (torch.zeros_like(k, dtype=acc_dtype), torch.zeros_like(v, dtype=acc_dtype)),
         (torch.empty_like(k, dtype=acc_dtype), torch.empty_like(v, dtype=acc_dtype)),
     ]
-    kv_buffers = [(torch.empty_like(k), torch.empty_like(v)) for _ in range(min(2, steps - 1))]
-    k_cur, v_cur = k, v
     dkv_cur = 0
     dkv_pending: PendingShift | None = None
-    for step, plan in enumerate(call.plans):
-        kv_pending: PendingShift | None = None
-        if step + 1 < steps:
-            assert call.ring is not None
-            k_next, v_next = kv_buffers[step % 2]
-            kv_pending = call.ring.shift((k_cur, v_cur), (k_next, v_next))
+    for plan, k_cur, v_cur in _kv_blocks(k, v, call):
         grads = None
         if plan is not None:
             grads = block_backward(
@@ -165,14 +170,11 @@ def _ring_backward(
             dkv_pending.wait()
             dkv_cur ^= 1
         dk_acc, dv_acc = dkv[dkv_cur]
-        if grads is not None:
-            add_block_grads(plan, grads, dq, dk_acc, dv_acc)  # type: ignore[arg-type]
+        if plan is not None and grads is not None:
+            add_block_grads(plan, grads, dq, dk_acc, dv_acc)
         if call.ring is not None:
             # Pass the accumulator on; after the last step this is its trip home.
             dkv_pending = call.ring.shift((dk_acc, dv_acc), dkv[dkv_cur ^ 1])
-        if kv_pending is not None:
-            kv_pending.wait()
-            k_cur, v_cur = k_next, v_next
     if dkv_pending is not None:
         dkv_pending.wait()
         dkv_cur ^= 1
