@@ -61,9 +61,9 @@ def _print_table(result: DemoResult) -> None:
         ("attention", f"{'causal' if c.causal else 'full'}, layout {c.layout}"),
         ("backend", f"{result.backend_used} (asked: {c.backend})"),
         (
-            "max error",
+            "error",
             f"ring {result.ring_out_error:.2e}, one process {result.one_process_out_error:.2e} "
-            "(output vs float64, sampled rows)",
+            "(output vs float64, relative RMS, sampled rows)",
         ),
         ("grad diff", f"{result.grad_difference:.2e} (ring vs one process, relative)"),
         (
