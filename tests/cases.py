@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import asdict, dataclass
 
@@ -265,7 +264,3 @@ def run_error_scenarios(rank: int, world: int, names: list[str]) -> dict:
     outcomes["after_errors_shifts"] = len(shifts)
     comm.Ring.shift = original  # type: ignore[method-assign]
     return outcomes
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import comm
-from .kernels import BACKENDS, select_kernel
+from .kernels import BACKENDS, Kernel, select_kernel
 from .layout import LAYOUTS, ring_plan, shard_for_rank, unshard_shards
 from .ring import RingAttentionFunction, RingCall
 
@@ -88,8 +88,8 @@ def _check_arguments(
     layout: object,
     backend: object,
     return_lse: object,
-) -> float:
-    """Raise ``_Rejected`` for the first bad argument; return the resolved scale."""
+) -> tuple[float, Kernel]:
+    """Raise ``_Rejected`` for the first bad argument; return the scale and the kernel to use."""
     q, k, v = _check_tensor("q", q), _check_tensor("k", k), _check_tensor("v", v)
     for name, x in (("k", k), ("v", v)):
         if x.dtype != q.dtype:
@@ -165,10 +165,10 @@ def _check_arguments(
             f"send {q.device.type} tensors; use NCCL for CUDA tensors and Gloo for CPU tensors",
         )
     try:
-        select_kernel(backend, q, k, v, causal)  # type: ignore[arg-type]
+        kernel = select_kernel(backend, q, k, v, causal)  # type: ignore[arg-type]
     except ValueError as err:
         raise _Rejected("backend", ValueError, str(err)) from None
-    return float(scale)
+    return float(scale), kernel
 
 
 def _describe(
@@ -322,9 +322,9 @@ def ring_attention(
     group = comm.resolve_group(group)
     world_size = dist.get_world_size(group)
     rejected: _Rejected | None = None
-    scale_value = 0.0
+    scale_value, kernel = 0.0, None
     try:
-        scale_value = _check_arguments(
+        scale_value, kernel = _check_arguments(
             q, k, v, group, world_size, causal, scale, layout, backend, return_lse
         )
     except _Rejected as err:
@@ -340,7 +340,7 @@ def ring_attention(
     elif rejected is not None:
         raise rejected.exc_type(f"ring_attention: {rejected.message}")
 
-    kernel = select_kernel(backend, q, k, v, causal)
+    assert kernel is not None
     rank = dist.get_rank(group)
     call = RingCall(
         ring=comm.Ring(group) if world_size > 1 else None,
