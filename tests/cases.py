@@ -264,3 +264,58 @@ def run_error_scenarios(rank: int, world: int, names: list[str]) -> dict:
     outcomes["after_errors_shifts"] = len(shifts)
     comm.Ring.shift = original  # type: ignore[method-assign]
     return outcomes
+
+
+# ----------------------------------------------------------------------------- check modes
+
+
+def run_check_modes(rank: int, world: int) -> dict:
+    """How often each mode runs the cross-rank check, and what a lone change gives."""
+    from ringattn import api
+
+    calls = []
+    original = api._agree_across_ranks
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    api._agree_across_ranks = counting
+    found: dict = {}
+    try:
+        g = torch.Generator().manual_seed(3)
+        q, k = torch.randn(1, 2, 4, 8, generator=g), torch.randn(1, 2, 4, 8, generator=g)
+        ringattn.set_cross_rank_check("once")
+        for _ in range(3):
+            ringattn.ring_attention(q, k, k, causal=True)
+        found["once_repeated"] = len(calls)
+        # Every rank changes shape together: one more check, and a correct result.
+        q2, k2 = q.repeat(1, 1, 2, 1), k.repeat(1, 1, 2, 1)
+        out = ringattn.ring_attention(q2, k2, k2, causal=True)
+        found["once_all_changed"] = len(calls)
+        full = ringattn.unshard(out)
+        qf = ringattn.unshard(q2)
+        kf = ringattn.unshard(k2)
+        ref = ringattn.reference.attention(qf.double(), kf.double(), kf.double(), causal=True)
+        found["once_result_err"] = float((full.double() - ref).abs().max())
+        ringattn.set_cross_rank_check("always")
+        before = len(calls)
+        ringattn.ring_attention(q, k, k, causal=True)
+        ringattn.ring_attention(q, k, k, causal=True)
+        found["always_calls"] = len(calls) - before
+        # After agreed calls, one rank alone passes another length: every rank raises.
+        lone = q2 if rank == world - 1 else q
+        lone_k = k2 if rank == world - 1 else k
+        try:
+            ringattn.ring_attention(lone, lone_k, lone_k, causal=True)
+            found["always_lone_change"] = ("no error", "")
+        except Exception as err:  # noqa: BLE001 - the test inspects it
+            found["always_lone_change"] = (type(err).__name__, str(err))
+        ringattn.set_cross_rank_check("never")
+        before = len(calls)
+        ringattn.ring_attention(q2, k2, k2, causal=True)
+        found["never_calls"] = len(calls) - before
+    finally:
+        ringattn.set_cross_rank_check("once")
+        api._agree_across_ranks = original
+    return found

@@ -7,7 +7,7 @@ import torch
 
 import ringattn
 
-from cases import SCENARIOS, run_error_scenarios
+from cases import SCENARIOS, run_check_modes, run_error_scenarios
 from distributed import run_ranks
 
 WORLD = 3
@@ -52,3 +52,32 @@ def test_no_process_group() -> None:
         ringattn.ring_attention(q, q, q)
     with pytest.raises(ValueError, match="not initialised"):
         ringattn.shard(q)
+
+
+@pytest.fixture(scope="module")
+def check_modes() -> list[dict]:
+    return run_ranks(run_check_modes, 2)
+
+
+def test_once_mode_checks_each_new_signature_once(check_modes) -> None:
+    for found in check_modes:
+        assert found["once_repeated"] == 1  # three identical calls, one check
+        assert found["once_all_changed"] == 2  # every rank changed shape: checked again
+        assert found["once_result_err"] < 1e-5
+
+
+def test_always_mode_catches_a_lone_change_after_agreed_calls(check_modes) -> None:
+    for found in check_modes:
+        assert found["always_calls"] == 2
+        exc_type, message = found["always_lone_change"]
+        assert exc_type == "ValueError", message
+        assert "same q.shape[2] (local queries)" in message
+
+
+def test_never_mode_skips_the_check(check_modes) -> None:
+    assert all(found["never_calls"] == 0 for found in check_modes)
+
+
+def test_check_mode_is_validated() -> None:
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ringattn.set_cross_rank_check("sometimes")  # type: ignore[arg-type]

@@ -4,9 +4,17 @@
 """
 
 from . import reference
-from .api import ring_attention, shard, unshard
+from .api import ring_attention, set_cross_rank_check, shard, unshard
 from .kernels import BACKENDS
 from .layout import LAYOUTS
 
-__all__ = ["BACKENDS", "LAYOUTS", "reference", "ring_attention", "shard", "unshard"]
+__all__ = [
+    "BACKENDS",
+    "LAYOUTS",
+    "reference",
+    "ring_attention",
+    "set_cross_rank_check",
+    "shard",
+    "unshard",
+]
 __version__ = "0.1.0"

@@ -4,11 +4,13 @@ Bad arguments raise ``ValueError``/``TypeError`` naming the argument, on every r
 the ring starts: each rank checks its own arguments, then one small all-gather of a
 fixed-size description (shapes, dtype, options, and whether the rank rejected its inputs)
 lets every rank see every other rank's verdict, so a problem on one rank, or shapes that
-differ between ranks, raise everywhere instead of leaving the others waiting forever.
+differ between ranks, raise everywhere instead of leaving the others waiting forever. For
+CUDA-only (NCCL) groups the check runs on a Gloo group over the same ranks, made once.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from typing import Literal, overload
@@ -19,10 +21,10 @@ from torch import Tensor
 
 from . import comm
 from .kernels import BACKENDS, Kernel, select_kernel
-from .layout import LAYOUTS, ring_plan, shard_for_rank, unshard_shards
+from .layout import LAYOUTS, BlockPlan, ring_plan, shard_for_rank, unshard_shards
 from .ring import RingAttentionFunction, RingCall
 
-__all__ = ["ring_attention", "shard", "unshard"]
+__all__ = ["CheckMode", "ring_attention", "set_cross_rank_check", "shard", "unshard"]
 
 # Arguments a rank can reject; their index (plus one) travels in the cross-rank check.
 _ARGUMENTS = ("q", "k", "v", "causal", "scale", "layout", "backend", "return_lse")
@@ -223,12 +225,54 @@ def _field_text(field: int, value: int) -> str:
     return str(value)
 
 
+CheckMode = Literal["once", "always", "never"]
+_CHECK_MODES: tuple[str, ...] = ("once", "always", "never")
+_check_mode: str = "once"
+# Descriptions every rank of a group has agreed on (mode "once"), per group.
+_AGREED: dict[dist.ProcessGroup, set[tuple[int, ...]]] = {}
+_AGREED_LIMIT = 1024
+
+
+def set_cross_rank_check(mode: CheckMode) -> None:
+    """How often :func:`ring_attention` checks that every rank made the same call.
+
+    - ``"once"`` (default): the first time a rank sees a call signature (shapes, dtype,
+      device type, causal, layout, backend, scale) on a group. Repeated calls with a known
+      signature skip the check's collective. When every rank changes shape together (a new
+      batch size or length), every rank checks again. A rank that alone switches to a new
+      signature after the others' signature was agreed cannot be caught before the ring:
+      the others wait in the ring and fail at the process group's timeout.
+    - ``"always"``: every call; costs one small host-side collective per call.
+    - ``"never"``: no check; mismatched ranks hang until the process group's timeout.
+
+    Each rank's own argument checks run in every mode.
+    """
+    global _check_mode
+    if mode not in _CHECK_MODES:
+        raise ValueError(f"mode must be one of {_CHECK_MODES}, got {mode!r}")
+    _check_mode = mode
+    _AGREED.clear()
+    _PREPARED.clear()
+
+
 def _agree_across_ranks(
-    group: dist.ProcessGroup, device: torch.device, mine: list[int], rejected: _Rejected | None
+    group: dist.ProcessGroup,
+    preferred: torch.device | None,
+    mine: list[int],
+    rejected: _Rejected | None,
 ) -> None:
-    """All-gather every rank's description; raise the same verdict on every rank."""
+    """All-gather every rank's description; raise the same verdict on every rank.
+
+    Runs on a host-side (Gloo) group over the same ranks where there is one, so the check
+    costs a few tens of microseconds of CPU time and never waits for queued GPU work.
+    """
+    check_group = comm.host_group(group)
+    if check_group is None:
+        check_group, device = group, comm.collective_device(group, preferred)
+    else:
+        device = torch.device("cpu")
     local = torch.tensor(mine, dtype=torch.int64, device=device)
-    rows = [row.tolist() for row in comm.all_gather(local, group)]
+    rows = [row.tolist() for row in comm.all_gather(local, check_group)]
     rank = dist.get_rank(group)
     if rejected is not None:
         raise rejected.exc_type(f"ring_attention: {rejected.message}")
@@ -317,10 +361,81 @@ def ring_attention(
 
     Raises:
         ValueError, TypeError: bad arguments, on every rank of the group, before any K/V
-            moves; also when ranks disagree on shapes, dtype or options.
+            moves; also when ranks disagree on shapes, dtype or options (checked for each new
+            call signature; see :func:`set_cross_rank_check`).
     """
     group = comm.resolve_group(group)
-    world_size = dist.get_world_size(group)
+    key = _call_key(group, q, k, v, causal, scale, layout, backend, return_lse)
+    call = _PREPARED.get(key) if key is not None else None
+    if call is None:
+        call = _prepare(group, q, k, v, causal, scale, layout, backend, return_lse)
+        if key is not None and _check_mode != "always":
+            if len(_PREPARED) >= _PREPARED_LIMIT:
+                _PREPARED.clear()
+            _PREPARED[key] = call
+    assert isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
+    out, lse = RingAttentionFunction.apply(q, k.contiguous(), v.contiguous(), call)
+    return (out, lse) if return_lse else out
+
+
+# Calls already checked (and agreed across ranks), by everything the checks looked at: a
+# repeated call skips straight to the ring. Cleared by set_cross_rank_check.
+_PREPARED: dict[tuple, RingCall] = {}
+_PREPARED_LIMIT = 256
+
+
+def _call_key(
+    group: dist.ProcessGroup,
+    q: object,
+    k: object,
+    v: object,
+    causal: object,
+    scale: object,
+    layout: object,
+    backend: object,
+    return_lse: object,
+) -> tuple | None:
+    """A hashable key of everything argument checking depends on, or None if unusual."""
+    if not (
+        type(q) is Tensor
+        and type(k) is Tensor
+        and type(v) is Tensor
+        and type(causal) is bool
+        and type(return_lse) is bool
+        and (scale is None or type(scale) in (float, int))
+        and type(layout) is str
+        and type(backend) is str
+    ):
+        return None
+    grad = torch.is_grad_enabled()
+    return (
+        group,
+        causal,
+        scale,
+        layout,
+        backend,
+        return_lse,
+        grad,
+        *(
+            (x.shape, x.stride(), x.dtype, x.device, x.requires_grad)
+            for x in (q, k, v)  # type: ignore[union-attr]
+        ),
+    )
+
+
+def _prepare(
+    group: dist.ProcessGroup,
+    q: object,
+    k: object,
+    v: object,
+    causal: object,
+    scale: object,
+    layout: object,
+    backend: object,
+    return_lse: object,
+) -> RingCall:
+    """Check the arguments on this rank and across ranks; the ring call they describe."""
+    rank, world_size, _ = comm.group_facts(group)
     rejected: _Rejected | None = None
     scale_value, kernel = 0.0, None
     try:
@@ -329,27 +444,31 @@ def ring_attention(
         )
     except _Rejected as err:
         rejected = err
-    if world_size > 1:
-        preferred = q.device if isinstance(q, Tensor) else None
-        _agree_across_ranks(
-            group,
-            comm.collective_device(group, preferred),
-            _describe(q, k, v, causal, scale_value, layout, backend, rejected),
-            rejected,
-        )
+    if world_size > 1 and _check_mode != "never":
+        description = _describe(q, k, v, causal, scale_value, layout, backend, rejected)
+        agreed = _AGREED.setdefault(group, set())
+        if rejected is not None or tuple(description) not in agreed:
+            device = q.device if isinstance(q, Tensor) else None
+            _agree_across_ranks(group, device, description, rejected)
+            if _check_mode == "once":
+                if len(agreed) >= _AGREED_LIMIT:
+                    agreed.clear()
+                agreed.add(tuple(description))
     elif rejected is not None:
         raise rejected.exc_type(f"ring_attention: {rejected.message}")
-
     assert kernel is not None
-    rank = dist.get_rank(group)
-    call = RingCall(
-        ring=comm.Ring(group) if world_size > 1 else None,
-        plans=tuple(ring_plan(rank, world_size, causal=causal, layout=layout)),
+    return RingCall(
+        ring=comm.ring_for(group) if world_size > 1 else None,
+        plans=_plans(rank, world_size, causal, layout),  # type: ignore[arg-type]
         kernel=kernel,
         scale=scale_value,
+        next_last_plan=_plans((rank + 1) % world_size, world_size, causal, layout)[-1],  # type: ignore[arg-type]
     )
-    out, lse = RingAttentionFunction.apply(q, k.contiguous(), v.contiguous(), call)
-    return (out, lse) if return_lse else out
+
+
+@functools.lru_cache(maxsize=256)
+def _plans(rank: int, world_size: int, causal: bool, layout: str) -> tuple[BlockPlan | None, ...]:
+    return tuple(ring_plan(rank, world_size, causal=causal, layout=layout))
 
 
 def _check_shard_arguments(

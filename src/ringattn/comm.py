@@ -5,6 +5,8 @@ Works on NCCL (CUDA tensors) and Gloo (CPU tensors). Knows nothing about attenti
 
 from __future__ import annotations
 
+import datetime
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -12,7 +14,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["PendingShift", "Ring", "all_gather", "backend_device_types", "resolve_group"]
+__all__ = [
+    "PendingShift",
+    "Ring",
+    "all_gather",
+    "backend_device_types",
+    "host_group",
+    "resolve_group",
+    "ring_for",
+]
+
+logger = logging.getLogger("ringattn")
 
 
 def resolve_group(group: object) -> dist.ProcessGroup:
@@ -43,8 +55,29 @@ def resolve_group(group: object) -> dist.ProcessGroup:
     )
 
 
-def backend_device_types(group: dist.ProcessGroup) -> set[str]:
+# Per-group facts that never change, looked up once: PyTorch's lookups cost tens of us.
+_GROUP_FACTS: dict[dist.ProcessGroup, tuple[int, int, frozenset[str]]] = {}
+
+
+def group_facts(group: dist.ProcessGroup) -> tuple[int, int, frozenset[str]]:
+    """``(rank, world_size, device types)`` of this process in ``group``, cached."""
+    facts = _GROUP_FACTS.get(group)
+    if facts is None:
+        facts = (
+            dist.get_rank(group),
+            dist.get_world_size(group),
+            frozenset(_backend_device_types(group)),
+        )
+        _GROUP_FACTS[group] = facts
+    return facts
+
+
+def backend_device_types(group: dist.ProcessGroup) -> frozenset[str]:
     """Device types whose tensors this group's backend can send and receive."""
+    return group_facts(group)[2]
+
+
+def _backend_device_types(group: dist.ProcessGroup) -> set[str]:
     backend = str(dist.get_backend(group)).lower()
     types = set()
     # Backend strings are 'nccl', 'gloo', or per-device maps such as 'cpu:gloo,cuda:nccl'.
@@ -71,6 +104,38 @@ def collective_device(group: dist.ProcessGroup, preferred: torch.device | None) 
     return torch.device("cpu")
 
 
+# Host-side groups over the same ranks as a CUDA-only group, by group; None where none could
+# be made. Checks that only exchange a few integers run there, so they never wait behind
+# queued GPU work.
+_HOST_GROUPS: dict[dist.ProcessGroup, dist.ProcessGroup | None] = {}
+_HOST_GROUP_TIMEOUT = datetime.timedelta(seconds=60)
+
+
+def host_group(group: dist.ProcessGroup) -> dist.ProcessGroup | None:
+    """A group over ``group``'s ranks that runs collectives on CPU tensors, or None.
+
+    ``group`` itself when its backend takes CPU tensors; otherwise a Gloo group made on the
+    first call (every rank of ``group`` must make that call together, which the first
+    collective call on ``group`` guarantees) and reused after.
+    """
+    if "cpu" in backend_device_types(group):
+        return group
+    if group in _HOST_GROUPS:
+        return _HOST_GROUPS[group]
+    made: dist.ProcessGroup | None = None
+    try:
+        made = dist.new_group(
+            dist.get_process_group_ranks(group),
+            backend="gloo",
+            timeout=_HOST_GROUP_TIMEOUT,
+            use_local_synchronization=True,
+        )
+    except Exception as err:  # noqa: BLE001 - fall back to checking on the group itself
+        logger.warning("ringattn: no Gloo group for host-side checks (%s); using the GPU", err)
+    _HOST_GROUPS[group] = made
+    return made
+
+
 def all_gather(x: Tensor, group: dist.ProcessGroup) -> list[Tensor]:
     """Every rank's ``x`` (same shape on every rank), in group-rank order."""
     x = x.contiguous()
@@ -92,22 +157,69 @@ class PendingShift:
 
 
 class Ring:
-    """Send to the next rank while receiving from the previous one, asynchronously."""
+    """Send to the next rank while receiving from the previous one (or the reverse), async."""
 
     def __init__(self, group: dist.ProcessGroup) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
+        self._next_local = (self.rank + 1) % self.size
+        self._prev_local = (self.rank - 1) % self.size
         # P2POp wants global ranks.
-        self._next = dist.get_global_rank(group, (self.rank + 1) % self.size)
-        self._prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
+        self._next = dist.get_global_rank(group, self._next_local)
+        self._prev = dist.get_global_rank(group, self._prev_local)
+        self._coalescing: dict[torch.device, bool] = {}
 
-    def shift(self, send: Sequence[Tensor], recv: Sequence[Tensor]) -> PendingShift:
+    def shift(
+        self, send: Sequence[Tensor], recv: Sequence[Tensor], *, reverse: bool = False
+    ) -> PendingShift:
         """Post sends of ``send`` to the next rank and receives into ``recv`` from the previous.
 
-        ``recv[i]`` must have the shape and dtype of ``send[i]``. Nothing written to ``send``
-        or read from ``recv`` is safe until ``wait()`` returns.
+        With ``reverse=True`` the ring turns the other way: send to the previous rank, receive
+        from the next. ``recv`` must match the sender's ``send`` in shapes and dtypes (either
+        may be empty). Nothing written to ``send`` or read from ``recv`` is safe until
+        ``wait()`` returns.
         """
-        ops = [dist.P2POp(dist.isend, t, self._next, self.group) for t in send]
-        ops += [dist.P2POp(dist.irecv, t, self._prev, self.group) for t in recv]
+        if not send and not recv:
+            return PendingShift([])
+        device = (send or recv)[0].device
+        if self._coalesces(device):
+            # What batch_isend_irecv does for NCCL, minus its per-op Python checks: the
+            # group's own send/recv between start and end of one coalesced launch.
+            to, source = (
+                (self._prev_local, self._next_local)
+                if reverse
+                else (self._next_local, self._prev_local)
+            )
+            self.group._start_coalescing(device)
+            for t in send:
+                self.group.send([t], to, 0)
+            for t in recv:
+                self.group.recv([t], source, 0)
+            return PendingShift([self.group._end_coalescing(device)])
+        to, source = (self._prev, self._next) if reverse else (self._next, self._prev)
+        ops = [dist.P2POp(dist.isend, t, to, self.group) for t in send]
+        ops += [dist.P2POp(dist.irecv, t, source, self.group) for t in recv]
         return PendingShift(dist.batch_isend_irecv(ops))
+
+    def _coalesces(self, device: torch.device) -> bool:
+        known = self._coalescing.get(device)
+        if known is None:
+            try:
+                backend = self.group._get_backend(device)
+                known = type(self.group) is dist.ProcessGroup and bool(backend.supports_coalescing)
+            except Exception:  # noqa: BLE001 - any doubt: the public API
+                known = False
+            self._coalescing[device] = known
+        return known
+
+
+_RINGS: dict[dist.ProcessGroup, Ring] = {}
+
+
+def ring_for(group: dist.ProcessGroup) -> Ring:
+    """The (cached) ring over ``group``'s ranks."""
+    ring = _RINGS.get(group)
+    if ring is None:
+        ring = _RINGS[group] = Ring(group)
+    return ring

@@ -2,7 +2,8 @@
 
 Every backend takes q ``[B, H, Sq, D]`` and k, v ``[B, H_kv, Sk, D]`` with ``H % H_kv == 0``
 and returns gradients for k and v with ``H_kv`` heads, so callers never see the grouped
-(GQA/MQA) expansion. ``lse`` is float32 (float64 for float64 inputs), shape ``[B, H, Sq]``.
+(GQA/MQA) expansion; flash and cuDNN take grouped heads natively, the others get K/V
+expanded. ``lse`` is float32 (float64 for float64 inputs), shape ``[B, H, Sq]``.
 Causal blocks are only ever square here (``Sq == Sk``), so top-left and bottom-right
 alignment coincide. Nothing in this module knows about ranks or rings.
 """
@@ -60,6 +61,12 @@ class Kernel:
     backward_fn: Callable[..., tuple[Tensor, Tensor, Tensor]]
     reason_fn: Callable[[Tensor, Tensor, Tensor, bool], str | None]
     native_gqa: bool
+
+    def kv_grad_dtype(self, dtype: torch.dtype, groups: int) -> torch.dtype:
+        """The dtype of the dK/dV this kernel's ``backward`` returns for ``dtype`` inputs."""
+        if self.name == "math" or (groups > 1 and not self.native_gqa):
+            return accumulation_dtype(dtype)  # computed, or summed over the group, in float32
+        return dtype
 
     def unsupported_reason(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> str | None:
         """Why this backend cannot take these inputs, or None if it can."""
@@ -193,7 +200,8 @@ def _cuda_reason(
         if q.device.type != "cuda":
             return f"{label} needs CUDA tensors, got {q.device}"
         if k.size(1) != q.size(1):
-            # The kernel sees K/V expanded to q's head count: check with those shapes.
+            # PyTorch's checks want q's head count; flash and cuDNN take grouped K/V natively,
+            # efficient gets it expanded. Either way, check with q's head count.
             if k.size(2) > q.size(2):
                 k = _expand_kv(k, q.size(1) // k.size(1))
                 v = _expand_kv(v, q.size(1) // v.size(1))
@@ -317,7 +325,7 @@ _KERNELS: dict[str, Kernel] = {
         _flash_forward,
         _flash_backward,
         _cuda_reason(torch.backends.cuda.can_use_flash_attention, "flash"),
-        native_gqa=False,
+        native_gqa=True,
     ),
     "efficient": Kernel(
         "efficient",
@@ -331,7 +339,7 @@ _KERNELS: dict[str, Kernel] = {
         _cudnn_forward,
         _cudnn_backward,
         _cuda_reason(torch.backends.cuda.can_use_cudnn_attention, "cudnn"),
-        native_gqa=False,
+        native_gqa=True,
     ),
 }
 
@@ -347,13 +355,43 @@ def get_kernel(name: str) -> Kernel:
     return _KERNELS[name]
 
 
+# select_kernel's verdicts by input signature: PyTorch's checks cost tens of microseconds
+# and capture warnings, too much for every call of a training step.
+_SELECTION_CACHE: dict[tuple, Kernel] = {}
+_SELECTION_CACHE_SIZE = 256
+
+
+def _signature(backend: str, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple:
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return (
+        backend,
+        q.device,
+        q.dtype,
+        causal,
+        grad,
+        *(tuple(x.shape) + tuple(x.stride()) for x in (q, k, v)),
+    )
+
+
 def select_kernel(backend: str, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Kernel:
     """Resolve ``backend`` (``"auto"`` included) to a kernel that takes these inputs.
 
-    Raises ValueError naming ``backend`` when it cannot.
+    Raises ValueError naming ``backend`` when it cannot. Verdicts are cached by the inputs'
+    shapes, strides, dtype, device and options.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    key = _signature(backend, q, k, v, causal)
+    kernel = _SELECTION_CACHE.get(key)
+    if kernel is None:
+        kernel = _select_uncached(backend, q, k, v, causal)
+        if len(_SELECTION_CACHE) >= _SELECTION_CACHE_SIZE:
+            _SELECTION_CACHE.clear()
+        _SELECTION_CACHE[key] = kernel
+    return kernel
+
+
+def _select_uncached(backend: str, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Kernel:
     names = _AUTO_ORDER.get(q.device.type, ("math",)) if backend == "auto" else (backend,)
     reasons = []
     for name in names:

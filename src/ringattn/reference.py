@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .kernels import accumulation_dtype, get_kernel, select_kernel
 from .layout import ring_plan, shard_for_rank, unshard_shards
-from .ring import ForwardAccumulator, add_block_grads, block_backward, block_forward
+from .ring import ForwardAccumulator, block_backward, block_forward
 
 __all__ = ["attention", "simulate_ring"]
 
@@ -68,16 +68,16 @@ class _SimulatedRing(torch.autograd.Function):
         plans = [ring_plan(r, world_size, causal=causal, layout=layout) for r in range(world_size)]
         outs, lses, auxes = [], [], []
         for rank in range(world_size):
-            acc = ForwardAccumulator()
+            acc = ForwardAccumulator(sum(p is not None for p in plans[rank]))
             qs = shards[0][rank]
             for plan in plans[rank]:
                 if plan is not None:
                     ks, vs = shards[1][plan.source], shards[2][plan.source]
                     acc.add(plan, *block_forward(kernel, plan, qs, ks, vs, scale))
-            assert acc.out is not None and acc.lse is not None
-            outs.append(acc.out.to(q.dtype))
-            lses.append(acc.lse)
-            auxes.append(acc.aux)
+            out, lse, aux = acc.result(q.dtype)
+            outs.append(out)
+            lses.append(lse)
+            auxes.append(aux)
         ctx.save_for_backward(q, k, v)
         ctx.setup = (world_size, layout, kernel, scale, shards, plans, outs, lses, auxes)
         lse = unshard_shards(lses, dim=2, layout=layout)
@@ -112,7 +112,12 @@ class _SimulatedRing(torch.autograd.Function):
                     auxes[rank],
                     scale,
                 )
-                add_block_grads(plan, grads, dqs[rank], dks[src], dvs[src])
+                for part, acc, grad in zip(
+                    (plan.q_part, plan.kv_part, plan.kv_part),
+                    (dqs[rank], dks[src], dvs[src]),
+                    grads,
+                ):
+                    part.take(acc).add_(grad)
         return (
             unshard_shards(dqs, dim=2, layout=layout).to(q.dtype),
             unshard_shards(dks, dim=2, layout=layout).to(k.dtype),
