@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks and the demo measurement on a machine with CUDA GPUs, in one call.
+# GPU checks, the demo, and a short benchmark on a machine with CUDA GPUs, in one call.
 # Usage: scripts/gpu_check.sh [OUTPUT_DIR]   (JSON results land in OUTPUT_DIR, default ./gpu_results)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,4 +21,7 @@ timeout 900 python3 -m torch.distributed.run --standalone --nproc-per-node="$gpu
 echo "== demo: default size, and 128K tokens"
 timeout 600 python3 -m ringattn demo --json "$out/demo_default.json" || status=1
 timeout 600 python3 -m ringattn demo --seq-len 131072 --json "$out/demo_128k.json" || status=1
+
+echo "== benchmark: one GPU vs PyTorch context_parallel vs ringattn (quick suite)"
+timeout 900 python3 -m ringattn bench --suite quick --out "$out" --name bench-quick || status=1
 exit $status

@@ -1,11 +1,15 @@
-"""The ``ringattn`` command line: ``ringattn demo``."""
+"""The ``ringattn`` command line: ``ringattn demo`` and ``ringattn bench``."""
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
 from .demo import DemoResult, default_config, result_record, run_demo
 from .kernels import BACKENDS
@@ -136,15 +140,212 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+def _tokens(text: str) -> tuple[int, ...]:
+    """``"4K,8K,131072"`` -> ``(4096, 8192, 131072)``."""
+    values = []
+    for item in text.split(","):
+        item = item.strip().upper()
+        if not item:
+            continue
+        scale = {"K": 1024, "M": 1024 * 1024}.get(item[-1:], 1)
+        values.append(int(item[:-1] if scale > 1 else item) * scale)
+    return tuple(values)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    from .bench import METHODS, MODES
+
+    p = sub.add_parser(
+        "bench",
+        help="time one GPU, PyTorch's context_parallel and ringattn side by side",
+        description="Run every method on the same local ranks and inputs (NCCL on GPUs, Gloo "
+        "on the CPU): one-device SDPA on the full sequence, PyTorch's context_parallel "
+        "(allgather and alltoall rotation) and ringattn (zigzag and contiguous layouts). "
+        "Writes JSON, a markdown table and a plot of speedup over one GPU.",
+    )
+    p.add_argument(
+        "--suite",
+        choices=["gpu", "quick", "cpu"],
+        help="preset (default: gpu with CUDA, else cpu); the options below narrow it",
+    )
+    p.add_argument("--seq-lens", type=_tokens, help="comma list, e.g. 4K,8K,32K")
+    p.add_argument("--long-seq-lens", type=_tokens, help="extra causal cuDNN fwd+bwd lengths")
+    p.add_argument("--backends", type=_names, help="comma list of cudnn, flash, efficient, cpu")
+    p.add_argument("--kv-heads", type=_tokens, help="comma list, e.g. 32,8")
+    p.add_argument("--mask", choices=["both", "causal", "full"], default=None)
+    p.add_argument("--modes", type=_names, help=f"comma list of {', '.join(MODES)}")
+    p.add_argument("--methods", type=_names, help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--ranks", type=int, help="local ranks (default: all GPUs, or 2 on the CPU)")
+    p.add_argument("--samples", type=int, help="timed samples per row (median reported)")
+    p.add_argument("--warmup", type=int, help="untimed iterations first")
+    p.add_argument("--out", default="benchmarks/results", help="output directory")
+    p.add_argument("--name", help="file name stem (default: bench-<device>-<suite>)")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the rows already in the named results and add (or replace) these",
+    )
+
+
+def _bench_plan(args: argparse.Namespace, suite: str) -> Any:
+    from .bench import cpu_plan, gpu_plan, quick_plan
+
+    if suite == "gpu":
+        kwargs: dict[str, Any] = {}
+        for key in ("seq_lens", "backends", "kv_heads", "modes", "long_seq_lens"):
+            if getattr(args, key) is not None:
+                kwargs[key] = getattr(args, key)
+        if args.mask is not None:
+            kwargs["causal"] = {"both": (True, False), "causal": (True,), "full": (False,)}[
+                args.mask
+            ]
+        plan = gpu_plan(**kwargs)
+    else:
+        plan = quick_plan() if suite == "quick" else cpu_plan()
+    if args.methods is not None:
+        plan = replace(plan, methods=args.methods)
+    if args.samples is not None:
+        plan = replace(plan, samples=args.samples)
+    if args.warmup is not None:
+        plan = replace(plan, warmup=args.warmup)
+    return plan
+
+
+def _print_bench_table(records: list[dict[str, Any]]) -> None:
+    from .bench_report import markdown_table
+
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(markdown_table(records))
+        return
+    table = Table(title="ringattn bench")
+    for title in ("case", "method", "ms", "TFLOP/s/GPU", "vs one GPU", "vs torch CP", "MiB"):
+        table.add_column(title, justify="left" if title in ("case", "method") else "right")
+    for r in records:
+        case = (
+            f"{r['backend']} {'causal' if r['causal'] else 'full'} {r['heads']}/{r['kv_heads']}"
+            f" {r['mode']} {r['seq_len'] // 1024}K"
+        )
+        if r["ms"] is None:
+            table.add_row(case, r["method"], "error", str(r["error"])[:40], "", "", "")
+            continue
+        table.add_row(
+            case,
+            r["method"],
+            f"{r['ms']:.3f}",
+            f"{r['tflops_per_device']:.0f}",
+            f"{r['speedup']:.2f}x" if r["speedup"] else "-",
+            f"{r['vs_torch_cp']:.2f}x" if r["vs_torch_cp"] else "-",
+            f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-",
+        )
+    Console(width=140).print(table)
+
+
+_ROW_KEY = ("backend", "causal", "heads", "kv_heads", "head_dim", "mode", "seq_len", "method")
+
+
+def _previous_results(out_dir: str, name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    path = os.path.join(out_dir, f"{name}.json")
+    if not os.path.exists(path):
+        return [], {}
+    with open(path) as f:
+        data = json.load(f)
+    return data["rows"], data.get("meta", {})
+
+
+def _merge_rows(kept: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``kept`` without the rows ``new`` measures again, then ``new``."""
+    fresh = {tuple(r[k] for k in _ROW_KEY) for r in new}
+    return [r for r in kept if tuple(r[k] for k in _ROW_KEY) not in fresh] + list(new)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import fill_ratios, run_bench
+    from .bench_report import write_results
+
+    cuda = torch.cuda.is_available()
+    suite = args.suite or ("gpu" if cuda else "cpu")
+    device_type = "cpu" if suite == "cpu" else "cuda"
+    if device_type == "cuda" and not cuda:
+        print("ringattn bench: this suite needs CUDA GPUs; use --suite cpu", file=sys.stderr)
+        return 2
+    ranks = args.ranks or (torch.cuda.device_count() if device_type == "cuda" else 2)
+    if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        ranks = int(os.environ["WORLD_SIZE"])  # launched by torchrun
+    plan = _bench_plan(args, suite)
+    device_name = torch.cuda.get_device_name(0) if device_type == "cuda" else "CPU"
+    name = args.name or f"bench-{device_type}-{suite}"
+    meta = {
+        "title": f"{ranks}x {device_name}, suite {suite}",
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "ranks": ranks,
+        "device": device_name,
+        "timing": f"median of {plan.samples} samples after {plan.warmup} warm-up iterations; "
+        f"each sample >= {plan.min_sample_ms:g} ms of back-to-back iterations; slowest rank",
+        "command": " ".join(["ringattn", "bench", *sys.argv[2:]]),
+    }
+    kept, kept_meta = _previous_results(args.out, name) if args.append else ([], {})
+    if kept_meta.get("command"):
+        meta["command"] = f"{kept_meta['command']}; then {meta['command']}"
+    records: list[dict[str, Any]] = []
+    progress = _progress()
+    task: list[int] = []
+
+    def on_event(kind: str, *payload: Any) -> None:
+        if kind == "start":
+            if progress is not None:
+                task.append(progress.add_task("bench", total=payload[0]))
+            else:
+                print(f"ringattn bench: {payload[0]} measurements", flush=True)
+        elif kind == "running":
+            if progress is not None and task:
+                progress.update(task[0], description=payload[0][:40])
+            else:
+                print(f"... {payload[0]}", flush=True)
+        elif kind == "advance" and progress is not None and task:
+            progress.advance(task[0])
+        elif kind == "row":
+            records.append(payload[0])
+            # Partial results survive a crash.
+            partial = fill_ratios([dict(r) for r in records], ranks)
+            write_results(_merge_rows(kept, partial), meta, args.out, name)
+
+    if os.environ.get("RANK", "0") == "0":
+        print(f"ringattn bench: {ranks} ranks on {device_name}, {len(plan.cases)} cases")
+    if progress is not None:
+        with progress:
+            rows = run_bench(plan, ranks, device_type, on_event)
+    else:
+        rows = run_bench(plan, ranks, device_type, on_event)
+    if not rows:
+        return 0  # a torchrun rank other than 0
+    paths = write_results(_merge_rows(kept, rows), meta, args.out, name)
+    _print_bench_table(rows)
+    print("wrote " + ", ".join(paths))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ringattn", description="Exact ring attention for PyTorch."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
+    _bench_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _run_demo(args)
+    if args.command == "bench":
+        return _run_bench(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -7,23 +7,19 @@ Progress events and the final measurements travel to the launching process over 
 
 from __future__ import annotations
 
-import datetime
 import math
-import os
-import queue
 import resource
-import socket
 import statistics
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from .launch import spawn_ranks
 
 __all__ = ["DemoConfig", "DemoResult", "default_config", "run_demo"]
 
@@ -184,85 +180,62 @@ def _sampled_reference_error(out: torch.Tensor, q, k, v, cfg: DemoConfig) -> flo
     return float((out.index_select(2, rows).double() - want).norm() / want.norm())
 
 
-def _worker(rank: int, cfg: DemoConfig, port: int, events: Any) -> None:
+def _worker(
+    rank: int, world_size: int, device: torch.device, say: Callable[..., None], cfg: DemoConfig
+) -> DemoResult | None:
     import ringattn
 
-    try:
-        if cfg.device == "cuda":
-            device = torch.device("cuda", rank)
-            torch.cuda.set_device(device)
-            dist.init_process_group(
-                "nccl",
-                init_method=f"tcp://127.0.0.1:{port}",
-                rank=rank,
-                world_size=cfg.ranks,
-                device_id=device,
-            )
-        else:
-            device = torch.device("cpu")
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.ranks))
-            dist.init_process_group(
-                "gloo",
-                init_method=f"tcp://127.0.0.1:{port}",
-                rank=rank,
-                world_size=cfg.ranks,
-                timeout=datetime.timedelta(seconds=600),
-            )
-        say = (lambda *e: events.put(e)) if rank == 0 else (lambda *e: None)
-        say("step", "inputs")
-        dtype = _DTYPES[cfg.dtype]
-        g = torch.Generator(device=device).manual_seed(cfg.seed)
-        shape_q = (cfg.batch, cfg.heads, cfg.seq_len, cfg.head_dim)
-        shape_kv = (cfg.batch, cfg.kv_heads, cfg.seq_len, cfg.head_dim)
-        q, k, v, dout = (
-            torch.randn(s, generator=g, device=device, dtype=dtype)
-            for s in (shape_q, shape_kv, shape_kv, shape_q)
-        )
-        shards = [ringattn.shard(x, layout=cfg.layout).detach().clone() for x in (q, k, v, dout)]
-        if rank != 0:
-            del q, k, v, dout  # only rank 0 runs the one-process comparison
-        qs, ks, vs, dos = shards
+    say("step", "inputs")
+    dtype = _DTYPES[cfg.dtype]
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    shape_q = (cfg.batch, cfg.heads, cfg.seq_len, cfg.head_dim)
+    shape_kv = (cfg.batch, cfg.kv_heads, cfg.seq_len, cfg.head_dim)
+    q, k, v, dout = (
+        torch.randn(s, generator=g, device=device, dtype=dtype)
+        for s in (shape_q, shape_kv, shape_kv, shape_q)
+    )
+    shards = [ringattn.shard(x, layout=cfg.layout).detach().clone() for x in (q, k, v, dout)]
+    if rank != 0:
+        del q, k, v, dout  # only rank 0 runs the one-process comparison
+    qs, ks, vs, dos = shards
+    for x in (qs, ks, vs):
+        x.requires_grad_(True)
+
+    def ring_step() -> None:
         for x in (qs, ks, vs):
-            x.requires_grad_(True)
-
-        def ring_step() -> None:
-            for x in (qs, ks, vs):
-                x.grad = None
-            out = ringattn.ring_attention(
-                qs, ks, vs, causal=cfg.causal, layout=cfg.layout, backend=cfg.backend
-            )
-            out.backward(dos)
-            say("step", "ring")
-
-        say("step", "ring", cfg.iters + 1)
-        with _PeakMemory(device) as ring_mem:
-            ring_ms = _timed(ring_step, cfg.iters, device)
-        dist.barrier()
+            x.grad = None
         out = ringattn.ring_attention(
-            qs.detach(),
-            ks.detach(),
-            vs.detach(),
-            causal=cfg.causal,
-            layout=cfg.layout,
-            backend=cfg.backend,
+            qs, ks, vs, causal=cfg.causal, layout=cfg.layout, backend=cfg.backend
         )
-        full = {
-            "out": ringattn.unshard(out, layout=cfg.layout),
-            **{
-                name: ringattn.unshard(x.grad, layout=cfg.layout)
-                for name, x in zip(("dq", "dk", "dv"), (qs, ks, vs))
-            },
-        }
-        from .kernels import select_kernel
+        out.backward(dos)
+        say("step", "ring")
 
-        backend_used = select_kernel(cfg.backend, qs, ks, vs, cfg.causal).name
-        if rank == 0:
-            del shards, qs, ks, vs, dos
-            _one_process(cfg, q, k, v, dout, full, backend_used, ring_ms, ring_mem, device, say)
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:  # noqa: BLE001 - report to the launching process
-        events.put(("error", rank, traceback.format_exc()))
+    say("step", "ring", cfg.iters + 1)
+    with _PeakMemory(device) as ring_mem:
+        ring_ms = _timed(ring_step, cfg.iters, device)
+    dist.barrier()
+    out = ringattn.ring_attention(
+        qs.detach(),
+        ks.detach(),
+        vs.detach(),
+        causal=cfg.causal,
+        layout=cfg.layout,
+        backend=cfg.backend,
+    )
+    full = {
+        "out": ringattn.unshard(out, layout=cfg.layout),
+        **{
+            name: ringattn.unshard(x.grad, layout=cfg.layout)
+            for name, x in zip(("dq", "dk", "dv"), (qs, ks, vs))
+        },
+    }
+    from .kernels import select_kernel
+
+    backend_used = select_kernel(cfg.backend, qs, ks, vs, cfg.causal).name
+    if rank != 0:
+        return None
+    shards = qs = ks = vs = dos = None  # free them before the one-process run
+    return _one_process(cfg, q, k, v, dout, full, backend_used, ring_ms, ring_mem, device, say)
 
 
 def _one_process(cfg, q, k, v, dout, ring_full, backend_used, ring_ms, ring_mem, device, say):
@@ -299,27 +272,18 @@ def _one_process(cfg, q, k, v, dout, ring_full, backend_used, ring_ms, ring_mem,
     eps = torch.finfo(q.dtype).eps
     grad_tolerance = 1e-4 if q.dtype in (torch.float32, torch.float64) else 8 * eps
     passed = ring_err <= max(1.5 * one_err, eps) and grad_diff <= grad_tolerance
-    say(
-        "result",
-        DemoResult(
-            config=cfg,
-            backend_used=backend_used,
-            ring_ms=ring_ms,
-            one_process_ms=one_ms,
-            ring_peak_mib=ring_mem.peak_mib,
-            one_process_peak_mib=mem.peak_mib,
-            ring_out_error=ring_err,
-            one_process_out_error=one_err,
-            grad_difference=grad_diff,
-            passed=passed,
-        ),
+    return DemoResult(
+        config=cfg,
+        backend_used=backend_used,
+        ring_ms=ring_ms,
+        one_process_ms=one_ms,
+        ring_peak_mib=ring_mem.peak_mib,
+        one_process_peak_mib=mem.peak_mib,
+        ring_out_error=ring_err,
+        one_process_out_error=one_err,
+        grad_difference=grad_diff,
+        passed=passed,
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_demo(
@@ -329,38 +293,7 @@ def run_demo(
 
     ``on_event("step", name[, total])`` reports progress as it happens.
     """
-    if cfg.device == "cuda" and cfg.ranks > torch.cuda.device_count():
-        raise ValueError(f"ranks={cfg.ranks} but only {torch.cuda.device_count()} GPUs are visible")
-    ctx = mp.get_context("spawn")
-    events = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, cfg, port, events)) for r in range(cfg.ranks)]
-    for p in procs:
-        p.start()
-    result: DemoResult | None = None
-    deadline = time.monotonic() + timeout_s
-    try:
-        while result is None:
-            try:
-                event = events.get(timeout=1.0)
-            except queue.Empty:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the demo did not finish within {timeout_s:.0f}s") from None
-                if any(p.exitcode not in (None, 0) for p in procs):
-                    raise RuntimeError("a rank exited unexpectedly") from None
-                continue
-            if event[0] == "error":
-                raise RuntimeError(f"rank {event[1]} failed:\n{event[2]}")
-            if event[0] == "result":
-                result = event[1]
-            else:
-                on_event(*event)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    return result
+    return spawn_ranks(_worker, cfg.ranks, cfg.device, cfg, on_event=on_event, timeout_s=timeout_s)
 
 
 def result_record(result: DemoResult) -> dict[str, Any]:

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The committed benchmark (benchmarks/results/bench-h200x2.*) on a machine with 2 GPUs.
+# Usage: scripts/bench_h200x2.sh [OUTPUT_DIR]   (default benchmarks/results)
+# Two invocations of one suite, cuDNN then flash, each under ten minutes on 2x H200.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-benchmarks/results}"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+python3 -m ringattn bench --backends cudnn --long-seq-lens 256K --warmup 1 \
+    --out "$out" --name bench-h200x2
+python3 -m ringattn bench --backends flash --long-seq-lens "" --warmup 1 \
+    --out "$out" --name bench-h200x2 --append
