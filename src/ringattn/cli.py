@@ -233,13 +233,14 @@ def _print_bench_table(records: list[dict[str, Any]]) -> None:
             f" {r['mode']} {r['seq_len'] // 1024}K"
         )
         if r["ms"] is None:
-            table.add_row(case, r["method"], "error", str(r["error"])[:40], "", "", "")
+            table.add_row(case, r["method"], f"error: {str(r['error'])[:48]}", "", "", "", "")
             continue
+        tflops = r["tflops_per_device"]
         table.add_row(
             case,
             r["method"],
             f"{r['ms']:.3f}",
-            f"{r['tflops_per_device']:.0f}",
+            f"{tflops:.0f}" if tflops >= 10 else f"{tflops:.2f}",
             f"{r['speedup']:.2f}x" if r["speedup"] else "-",
             f"{r['vs_torch_cp']:.2f}x" if r["vs_torch_cp"] else "-",
             f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-",
