@@ -23,7 +23,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -114,7 +114,6 @@ class BenchPlan:
     # unbalanced layout; for full attention both do identical work).
     contiguous_max_seq: int = 32768
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def methods_for(self, case: BenchCase) -> tuple[str, ...]:
         return tuple(

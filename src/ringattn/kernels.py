@@ -355,43 +355,14 @@ def get_kernel(name: str) -> Kernel:
     return _KERNELS[name]
 
 
-# select_kernel's verdicts by input signature: PyTorch's checks cost tens of microseconds
-# and capture warnings, too much for every call of a training step.
-_SELECTION_CACHE: dict[tuple, Kernel] = {}
-_SELECTION_CACHE_SIZE = 256
-
-
-def _signature(backend: str, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple:
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    return (
-        backend,
-        q.device,
-        q.dtype,
-        causal,
-        grad,
-        *(tuple(x.shape) + tuple(x.stride()) for x in (q, k, v)),
-    )
-
-
 def select_kernel(backend: str, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Kernel:
     """Resolve ``backend`` (``"auto"`` included) to a kernel that takes these inputs.
 
-    Raises ValueError naming ``backend`` when it cannot. Verdicts are cached by the inputs'
-    shapes, strides, dtype, device and options.
+    Raises ValueError naming ``backend`` when it cannot. PyTorch's checks behind this cost
+    tens of microseconds, so ``ring_attention`` runs it once per call signature.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    key = _signature(backend, q, k, v, causal)
-    kernel = _SELECTION_CACHE.get(key)
-    if kernel is None:
-        kernel = _select_uncached(backend, q, k, v, causal)
-        if len(_SELECTION_CACHE) >= _SELECTION_CACHE_SIZE:
-            _SELECTION_CACHE.clear()
-        _SELECTION_CACHE[key] = kernel
-    return kernel
-
-
-def _select_uncached(backend: str, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Kernel:
     names = _AUTO_ORDER.get(q.device.type, ("math",)) if backend == "auto" else (backend,)
     reasons = []
     for name in names:
