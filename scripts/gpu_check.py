@@ -193,18 +193,83 @@ def ring_checks(rank, world, device) -> list[dict]:
     return rows
 
 
+def graph_checks(rank, world, device) -> list[dict]:
+    """CUDA-graph replay against the eager ring: calls A, B, A with one signature (captured
+    on the first, replayed after), all forwards before all backwards as in a model's layers."""
+    rows = []
+    for i, (backend, causal, layout, kv) in enumerate(
+        [
+            ("cudnn", True, "zigzag", 8),
+            ("flash", True, "zigzag", 2),
+            ("cudnn", False, "contiguous", 8),
+        ]
+    ):
+        g = torch.Generator(device=device).manual_seed(500 + i)
+        sets = []
+        for _ in range(2):
+            full = [
+                torch.randn(s, generator=g, device=device, dtype=torch.bfloat16)
+                for s in ((1, 8, 1024 * world, 128), (1, kv, 1024 * world, 128))
+                for _ in range(2)
+            ]
+            q, dout, k, v = (ringattn.shard(x, layout=layout).detach() for x in full)
+            sets.append((q, k, v, dout))
+        results = {}
+        for graphs in (False, True):
+            ringattn.set_cuda_graphs(graphs)
+            leaves, outs, douts = [], [], []
+            for q, k, v, dout in (sets[0], sets[1], sets[0]):
+                qq, kk, vv = (x.clone().requires_grad_(True) for x in (q, k, v))
+                outs.append(
+                    ringattn.ring_attention(
+                        qq, kk, vv, causal=causal, layout=layout, backend=backend
+                    )
+                )
+                leaves.append((qq, kk, vv))
+                douts.append(dout)
+            torch.autograd.backward(outs, douts)
+            results[graphs] = [
+                (o.detach(), *(x.grad for x in leaf)) for o, leaf in zip(outs, leaves)
+            ]
+        ringattn.set_cuda_graphs(False)
+        worst = {}
+        for call in range(3):
+            for name, a, b in zip(
+                ("out", "dq", "dk", "dv"), results[True][call], results[False][call]
+            ):
+                err = rel_max(a, b)
+                worst[name] = max(worst.get(name, 0.0), err)
+        rows.append(
+            {
+                "level": "graphs",
+                "world": world,
+                "backend": backend,
+                "dtype": "bfloat16",
+                "causal": causal,
+                "layout": layout,
+                "kv_heads": kv,
+                "errors": worst,
+                "passed": all(e <= 1e-2 for e in worst.values()),
+            }
+        )
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default=None)
+    parser.add_argument("--only-graphs", action="store_true", help="just the CUDA-graph checks")
     args = parser.parse_args()
     rank = int(os.environ["RANK"])
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", device_id=device)
     world = dist.get_world_size()
-    rows = ring_checks(rank, world, device)
-    if rank == 0:
-        rows += kernel_checks(device)
+    rows = graph_checks(rank, world, device)
+    if not args.only_graphs:
+        rows += ring_checks(rank, world, device)
+        if rank == 0:
+            rows += kernel_checks(device)
     dist.barrier()
     dist.destroy_process_group()
     if rank != 0:

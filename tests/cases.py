@@ -311,6 +311,16 @@ def run_check_modes(rank: int, world: int) -> dict:
             found["always_lone_change"] = ("no error", "")
         except Exception as err:  # noqa: BLE001 - the test inspects it
             found["always_lone_change"] = (type(err).__name__, str(err))
+        # CUDA graphs apply to CUDA tensors only: CPU calls run the eager ring, unchanged.
+        ringattn.set_cross_rank_check("once")
+        eager = ringattn.ring_attention(q, k, k, causal=True)
+        ringattn.set_cuda_graphs(True)
+        try:
+            found["graphs_cpu_equal"] = torch.equal(
+                ringattn.ring_attention(q, k, k, causal=True), eager
+            )
+        finally:
+            ringattn.set_cuda_graphs(False)
         ringattn.set_cross_rank_check("never")
         before = len(calls)
         ringattn.ring_attention(q2, k2, k2, causal=True)

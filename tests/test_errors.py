@@ -81,3 +81,9 @@ def test_never_mode_skips_the_check(check_modes) -> None:
 def test_check_mode_is_validated() -> None:
     with pytest.raises(ValueError, match="mode must be one of"):
         ringattn.set_cross_rank_check("sometimes")  # type: ignore[arg-type]
+
+
+def test_cuda_graphs_leave_cpu_calls_eager(check_modes) -> None:
+    assert all(found["graphs_cpu_equal"] for found in check_modes)
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        ringattn.set_cuda_graphs("yes")  # type: ignore[arg-type]

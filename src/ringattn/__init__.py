@@ -4,7 +4,7 @@
 """
 
 from . import reference
-from .api import ring_attention, set_cross_rank_check, shard, unshard
+from .api import ring_attention, set_cross_rank_check, set_cuda_graphs, shard, unshard
 from .kernels import BACKENDS
 from .layout import LAYOUTS
 
@@ -14,6 +14,7 @@ __all__ = [
     "reference",
     "ring_attention",
     "set_cross_rank_check",
+    "set_cuda_graphs",
     "shard",
     "unshard",
 ]

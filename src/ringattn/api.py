@@ -20,11 +20,19 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import comm
+from .graphs import GraphedRing, GraphedRingFunction
 from .kernels import BACKENDS, Kernel, select_kernel
 from .layout import LAYOUTS, BlockPlan, ring_plan, shard_for_rank, unshard_shards
 from .ring import RingAttentionFunction, RingCall
 
-__all__ = ["CheckMode", "ring_attention", "set_cross_rank_check", "shard", "unshard"]
+__all__ = [
+    "CheckMode",
+    "ring_attention",
+    "set_cross_rank_check",
+    "set_cuda_graphs",
+    "shard",
+    "unshard",
+]
 
 # Arguments a rank can reject; their index (plus one) travels in the cross-rank check.
 _ARGUMENTS = ("q", "k", "v", "causal", "scale", "layout", "backend", "return_lse")
@@ -374,8 +382,43 @@ def ring_attention(
                 _PREPARED.clear()
             _PREPARED[key] = call
     assert isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
-    out, lse = RingAttentionFunction.apply(q, k.contiguous(), v.contiguous(), call)
+    k, v = k.contiguous(), v.contiguous()
+    if _cuda_graphs and key is not None and call.ring is not None and q.is_cuda:
+        graphed = _GRAPHED.get(key)
+        if graphed is None:
+            if len(_GRAPHED) >= _GRAPHED_LIMIT:
+                # Callers never hold graph memory (results are copied out), so the oldest
+                # signature's graphs can go; a pending backward keeps its own alive.
+                del _GRAPHED[next(iter(_GRAPHED))]
+            graphed = _GRAPHED[key] = GraphedRing(q, k, v, call)
+        out, lse = GraphedRingFunction.apply(q, k, v, graphed)
+    else:
+        out, lse = RingAttentionFunction.apply(q, k, v, call)
     return (out, lse) if return_lse else out
+
+
+_cuda_graphs = False
+_GRAPHED: dict[tuple, GraphedRing] = {}
+_GRAPHED_LIMIT = 8
+
+
+def set_cuda_graphs(enabled: bool) -> None:
+    """Replay each call signature's ring as CUDA graphs (experimental; CUDA, 2+ ranks).
+
+    Made for short sequences, where issuing a call's kernels and transfers takes the host
+    longer than the GPU takes to run them. The first call of a signature, forward and then
+    backward, captures its graphs (every rank of the group must make it, as for any call);
+    later calls copy their inputs in, launch one graph, and copy the results out. The graphs
+    and their buffers of the 8 most recent signatures are kept; not for calls whose shapes
+    change from step to step. Off by default. On 2x H200 this takes causal cuDNN
+    forward+backward at 4K tokens (GQA 32/8) from 0.75x to 1.27x one GPU; from 8K on, the
+    copies cost more than the launches save (1.57x against 1.73x without).
+    """
+    global _cuda_graphs
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _cuda_graphs = enabled
+    _GRAPHED.clear()
 
 
 # Calls already checked (and agreed across ranks), by everything the checks looked at: a

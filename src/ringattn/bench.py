@@ -48,6 +48,7 @@ METHODS: tuple[str, ...] = (
     "ringattn-zigzag",
     "ringattn-contiguous",
 )
+# Also available: "ringattn-zigzag-graphs" (ringattn.set_cuda_graphs(True); CUDA only).
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 MODES = ("fwd", "fwd+bwd")
 
@@ -318,6 +319,10 @@ def _ringattn(
 ) -> Iterator[tuple]:
     import ringattn
 
+    graphs = layout.endswith("-graphs")
+    layout = layout.removesuffix("-graphs")
+    ringattn.set_cuda_graphs(graphs)
+
     shards = [ringattn.shard(x, layout=layout).contiguous() for x in _inputs(case, device, seed)]
     q, k, v, dout = shards
 
@@ -326,7 +331,10 @@ def _ringattn(
             q, k, v, causal=case.causal, layout=layout, backend=case.backend
         )
 
-    yield _attention_step(attend, q, k, v, dout, case.mode == "fwd+bwd"), _nbytes(*shards)
+    try:
+        yield _attention_step(attend, q, k, v, dout, case.mode == "fwd+bwd"), _nbytes(*shards)
+    finally:
+        ringattn.set_cuda_graphs(False)
 
 
 @contextlib.contextmanager

@@ -178,7 +178,11 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-heads", type=_tokens, help="comma list, e.g. 32,8")
     p.add_argument("--mask", choices=["both", "causal", "full"], default=None)
     p.add_argument("--modes", type=_names, help=f"comma list of {', '.join(MODES)}")
-    p.add_argument("--methods", type=_names, help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument(
+        "--methods",
+        type=_names,
+        help=f"comma list of {', '.join(METHODS)}, ringattn-zigzag-graphs",
+    )
     p.add_argument("--ranks", type=int, help="local ranks (default: all GPUs, or 2 on the CPU)")
     p.add_argument("--samples", type=int, help="timed samples per row (median reported)")
     p.add_argument("--warmup", type=int, help="untimed iterations first")
