@@ -329,3 +329,47 @@ def run_check_modes(rank: int, world: int) -> dict:
         ringattn.set_cross_rank_check("once")
         api._agree_across_ranks = original
     return found
+
+
+# ----------------------------------------------------------------------------- routing
+
+
+def run_routing_checks(rank: int, world: int) -> dict:
+    """ringattn.context_parallel: errors, restoring on exceptions, unsharding."""
+    import torch.nn.functional as F
+
+    found: dict = {}
+    ids = torch.arange(2 * 8 * world).view(2, 8 * world)
+    original = ids.clone()
+    q = torch.randn(1, 4, 8, 16)
+    kv = torch.randn(1, 2, 8, 16)
+    cases = {
+        "attn_mask": lambda: F.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(8, 8)),
+        "dropout": lambda: F.scaled_dot_product_attention(q, q, q, dropout_p=0.1),
+        "gqa_flag": lambda: F.scaled_dot_product_attention(q, kv, kv),
+        "body_raises": lambda: (_ for _ in ()).throw(KeyError("from the body")),
+    }
+    for name, body in cases.items():
+        try:
+            with ringattn.context_parallel(None, [ids], [1]):
+                found[f"{name}_sharded_len"] = ids.size(1)
+                body()
+            found[name] = ("no error", "")
+        except Exception as err:  # noqa: BLE001 - the test inspects it
+            found[name] = (type(err).__name__, str(err))
+        found[f"{name}_restored"] = torch.equal(ids, original)
+    # A length the layout cannot split: nothing is changed.
+    odd = torch.arange(2 * 7 * world).view(2, 7 * world)
+    try:
+        with ringattn.context_parallel(None, [odd], [1]):
+            pass
+    except ValueError as err:
+        found["odd"] = str(err)
+    found["odd_unchanged"] = odd.size(1) == 7 * world
+    # Unsharding what the context sharded gives the full tensor back, in order.
+    with ringattn.context_parallel(None, [ids], [1], restore=False):
+        pass
+    found["unsharded"] = torch.equal(
+        ringattn.context_parallel_unshard(None, [ids], [1])[0], original
+    )
+    return found

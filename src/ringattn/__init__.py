@@ -7,10 +7,13 @@ from . import reference
 from .api import ring_attention, set_cross_rank_check, set_cuda_graphs, shard, unshard
 from .kernels import BACKENDS
 from .layout import LAYOUTS
+from .routing import context_parallel, context_parallel_unshard
 
 __all__ = [
     "BACKENDS",
     "LAYOUTS",
+    "context_parallel",
+    "context_parallel_unshard",
     "reference",
     "ring_attention",
     "set_cross_rank_check",

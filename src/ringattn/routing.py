@@ -1,0 +1,183 @@
+"""Routing ``F.scaled_dot_product_attention`` to ring attention, and sharding sequence buffers.
+
+``context_parallel(group, buffers, seq_dims)`` shards the given tensors (input ids, labels,
+position ids, ...) in place along their sequence dimension with the load-balanced layout, and
+inside it every ``F.scaled_dot_product_attention`` call runs ring attention over ``group`` on
+the local shards, so a model written for one device trains context-parallel unchanged. On
+exit, also when the body raises, the buffers get their full contents back (``restore=True``)
+and the routing is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from . import comm
+from .api import ring_attention
+from .layout import LAYOUTS, num_chunks, shard_for_rank, unshard_shards
+
+__all__ = ["context_parallel", "context_parallel_unshard"]
+
+
+def _sdpa_arguments(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, bool, float | None]:
+    """SDPA's own signature; raises for what ring attention cannot do."""
+    if attn_mask is not None:
+        raise ValueError(
+            "scaled_dot_product_attention under ringattn.context_parallel: attn_mask is not "
+            "supported (the mask would have to be sharded); use is_causal=True or no mask"
+        )
+    if dropout_p != 0.0:
+        raise ValueError(
+            "scaled_dot_product_attention under ringattn.context_parallel: dropout_p must be "
+            f"0.0, got {dropout_p}"
+        )
+    if not enable_gqa and key.dim() == 4 and query.dim() == 4 and key.size(1) != query.size(1):
+        raise ValueError(
+            "scaled_dot_product_attention under ringattn.context_parallel: key has "
+            f"{key.size(1)} heads and query {query.size(1)}; pass enable_gqa=True for "
+            "grouped-query attention, as plain SDPA requires"
+        )
+    return query, key, value, is_causal, scale
+
+
+class _RingSDPA(TorchFunctionMode):
+    """Runs ``F.scaled_dot_product_attention`` as ring attention over ``group``."""
+
+    def __init__(self, group: Any, layout: str, backend: str) -> None:
+        super().__init__()
+        self.group = group
+        self.layout = layout
+        self.backend = backend
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, k, v, causal, scale = _sdpa_arguments(*args, **kwargs)
+            return ring_attention(
+                q,
+                k,
+                v,
+                self.group,
+                causal=causal,
+                scale=scale,
+                layout=self.layout,
+                backend=self.backend,
+            )
+        return func(*args, **kwargs)
+
+
+def _check_buffers(
+    buffers: Sequence[Tensor], seq_dims: Sequence[int], world_size: int, layout: str
+) -> list[int]:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if len(buffers) != len(seq_dims):
+        raise ValueError(
+            f"seq_dims must give one dimension per buffer: {len(buffers)} buffers, "
+            f"{len(seq_dims)} seq_dims"
+        )
+    dims = []
+    chunks = num_chunks(world_size, layout)
+    for i, (buf, dim) in enumerate(zip(buffers, seq_dims)):
+        if not isinstance(buf, Tensor):
+            raise TypeError(f"buffers[{i}] must be a torch.Tensor, got {type(buf).__name__}")
+        if isinstance(buf, torch.nn.Parameter):
+            raise TypeError(f"buffers[{i}] is a Parameter; shard inputs and buffers, not weights")
+        if not isinstance(dim, int) or not -buf.dim() <= dim < buf.dim():
+            raise ValueError(
+                f"seq_dims[{i}] must be an int in [-{buf.dim()}, {buf.dim()}), got {dim!r}"
+            )
+        dim %= buf.dim()
+        if buf.size(dim) % chunks:
+            raise ValueError(
+                f"buffers[{i}].size({dim}) = {buf.size(dim)} must be divisible by {chunks} "
+                f"for layout={layout!r} on {world_size} ranks"
+            )
+        dims.append(dim)
+    return dims
+
+
+def _replace(buf: Tensor, contents: Tensor) -> None:
+    with torch.no_grad():
+        buf.resize_(contents.shape)
+        buf.copy_(contents)
+
+
+@contextlib.contextmanager
+def context_parallel(
+    group: object,
+    buffers: Sequence[Tensor] = (),
+    seq_dims: Sequence[int] = (),
+    *,
+    layout: str = "zigzag",
+    backend: str = "auto",
+    restore: bool = True,
+) -> Iterator[None]:
+    """Shard ``buffers`` in place along ``seq_dims`` and run SDPA as ring attention inside.
+
+    Args:
+        group: a ProcessGroup or a 1-D DeviceMesh over the context-parallel ranks (None: the
+            world).
+        buffers: tensors with a sequence dimension, the same on every rank (input ids,
+            labels, position ids, ...); each becomes this rank's shard for the duration.
+        seq_dims: the sequence dimension of each buffer.
+        layout: ``"zigzag"`` (balanced causal work; full attention works too) or
+            ``"contiguous"``.
+        backend: the attention backend, as for :func:`ringattn.ring_attention`.
+        restore: give the buffers their full contents back on exit.
+
+    Inside, ``F.scaled_dot_product_attention(q, k, v, is_causal=..., scale=...,
+    enable_gqa=...)`` on local shards ``[B, H, S_local, D]`` returns the local shard of
+    attention over the whole sequence; ``attn_mask`` and ``dropout_p`` raise ValueError.
+    Labels for next-token loss must be shifted on the full sequence, before sharding.
+
+    Raises:
+        ValueError, TypeError: bad buffers or dimensions, before anything is changed.
+    """
+    pg = comm.resolve_group(group)
+    rank, world_size, _ = comm.group_facts(pg)
+    dims = _check_buffers(buffers, seq_dims, world_size, layout)
+    originals = [buf.clone() if restore else None for buf in buffers]
+    shards = [
+        shard_for_rank(buf, rank, world_size, dim=dim, layout=layout).clone()
+        for buf, dim in zip(buffers, dims)
+    ]
+    for buf, shard in zip(buffers, shards):
+        _replace(buf, shard)
+    try:
+        with _RingSDPA(pg, layout, backend):
+            yield
+    finally:
+        for buf, original in zip(buffers, originals):
+            if original is not None:
+                _replace(buf, original)
+
+
+def context_parallel_unshard(
+    group: object, buffers: Sequence[Tensor], seq_dims: Sequence[int], *, layout: str = "zigzag"
+) -> list[Tensor]:
+    """The full tensors, in sequence order, from every rank's shards (an all-gather each)."""
+    pg = comm.resolve_group(group)
+    full = []
+    for i, (buf, dim) in enumerate(zip(buffers, seq_dims, strict=True)):
+        if not isinstance(buf, Tensor):
+            raise TypeError(f"buffers[{i}] must be a torch.Tensor, got {type(buf).__name__}")
+        dim %= buf.dim()
+        full.append(unshard_shards(comm.all_gather(buf.detach(), pg), dim=dim, layout=layout))
+    return full

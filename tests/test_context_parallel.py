@@ -1,0 +1,67 @@
+"""A model written for one device trains context-parallel under ringattn.context_parallel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ringattn
+
+from cases import run_routing_checks
+from distributed import run_ranks
+from tiny_lm import train
+
+SEQ, STEPS = 48, 5
+
+
+@pytest.fixture(scope="module")
+def single() -> dict:
+    return train(0, 1, SEQ, STEPS, "single")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_tiny_lm_matches_one_process(single, world: int) -> None:
+    results = run_ranks(train, world, SEQ, STEPS, "context_parallel")
+    want = torch.tensor(single["losses"], dtype=torch.float64)
+    for rank, got in enumerate(results):
+        assert got["restored"], f"rank {rank}: buffers not restored on exit"
+        losses = torch.tensor(got["losses"], dtype=torch.float64)
+        assert torch.all((losses - want).abs() <= 1e-5 * want.abs()), (rank, losses, want)
+        for name, p in got["params"].items():
+            ref = single["params"][name]
+            err = float((p - ref).abs().max() / ref.abs().max())
+            assert err <= 1e-5, f"rank {rank} {name}: {err:.2e}"
+    assert want[-1] < want[0] - 0.1  # it did learn something
+
+
+def test_rejects_what_cannot_be_sharded() -> None:
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="not initialised"):
+        with ringattn.context_parallel(None, [q], [2]):
+            pass
+
+
+@pytest.fixture(scope="module")
+def routing() -> list[dict]:
+    return run_ranks(run_routing_checks, 2)
+
+
+def test_unsupported_sdpa_arguments_raise_and_buffers_come_back(routing) -> None:
+    expected = {
+        "attn_mask": ("ValueError", "attn_mask is not supported"),
+        "dropout": ("ValueError", "dropout_p must be 0.0"),
+        "gqa_flag": ("ValueError", "pass enable_gqa=True"),
+        "body_raises": ("KeyError", "from the body"),
+    }
+    for found in routing:
+        for name, (exc_type, text) in expected.items():
+            assert found[name][0] == exc_type and text in found[name][1], found[name]
+            assert found[f"{name}_sharded_len"] == 8  # 16 tokens over 2 ranks
+            assert found[f"{name}_restored"]
+
+
+def test_indivisible_buffers_are_rejected_untouched_and_unshard_restores_order(routing) -> None:
+    for found in routing:
+        assert "must be divisible by 4" in found["odd"]
+        assert found["odd_unchanged"]
+        assert found["unsharded"]
