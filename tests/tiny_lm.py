@@ -1,64 +1,26 @@
-"""A tiny decoder-only transformer (RoPE from position ids, GQA, causal SDPA) and its training
-loop, on one process or context-parallel; importable by spawned ranks."""
+"""Training the example's tiny decoder-only transformer (RoPE from position ids, GQA, causal
+SDPA) on one process or context-parallel; importable by spawned ranks."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
 import ringattn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from train_tiny_lm import TinyLM as ExampleLM  # noqa: E402
 
 VOCAB, DIM, HEADS, KV_HEADS, LAYERS = 61, 32, 4, 2, 2
 IGNORE = -100
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding of x ``[B, H, S, D]`` at ``positions`` ``[B, S]``."""
-    half = x.size(-1) // 2
-    freqs = 1.0 / (10000 ** (torch.arange(half, dtype=torch.float32) / half))
-    angles = positions[:, None, :, None].float() * freqs  # [B, 1, S, half]
-    cos, sin = angles.cos(), angles.sin()
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.head_dim = DIM // HEADS
-        self.norm1, self.norm2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
-        # No q/k biases (as in Llama): a key bias has no effect on attention, so its
-        # gradient is rounding noise that Adam would turn into full-size steps.
-        self.q = nn.Linear(DIM, DIM, bias=False)
-        self.kv = nn.Linear(DIM, 2 * KV_HEADS * self.head_dim, bias=False)
-        self.proj = nn.Linear(DIM, DIM)
-        self.mlp = nn.Sequential(nn.Linear(DIM, 4 * DIM), nn.GELU(), nn.Linear(4 * DIM, DIM))
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
-        h = self.norm1(x)
-        q = self.q(h).view(b, s, HEADS, self.head_dim).transpose(1, 2)
-        k, v = self.kv(h).view(b, s, 2, KV_HEADS, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = rope(q, positions), rope(k, positions)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        x = x + self.proj(a.transpose(1, 2).reshape(b, s, DIM))
-        return x + self.mlp(self.norm2(x))
-
-
-class TinyLM(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, DIM)
-        self.blocks = nn.ModuleList(Block() for _ in range(LAYERS))
-        self.head = nn.Linear(DIM, VOCAB)
-
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.embed(ids)
-        for block in self.blocks:
-            x = block(x, positions)
-        return self.head(x)
+def tiny_model() -> ExampleLM:
+    return ExampleLM(VOCAB, DIM, HEADS, KV_HEADS, LAYERS)
 
 
 def batch(seq_len: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -77,7 +39,7 @@ def train(rank: int, world: int, seq_len: int, steps: int, entry: str) -> dict:
     ``entry``: "single" (one process, full sequence) or "context_parallel".
     """
     torch.manual_seed(0)
-    model = TinyLM()
+    model = tiny_model()
     # SGD keeps parameter differences proportional to gradient differences; Adam would scale
     # rounding-level gradients of near-zero entries up to full steps.
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
