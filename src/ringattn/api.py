@@ -535,7 +535,8 @@ def shard(x: Tensor, group: object = None, *, dim: int = 2, layout: str = "zigza
     Needs no communication. Differentiable.
     """
     pg, dim = _check_shard_arguments(x, group, dim, layout)
-    return shard_for_rank(x, dist.get_rank(pg), dist.get_world_size(pg), dim=dim, layout=layout)
+    rank, world_size, _ = comm.group_facts(pg)
+    return shard_for_rank(x, rank, world_size, dim=dim, layout=layout)
 
 
 def unshard(x: Tensor, group: object = None, *, dim: int = 2, layout: str = "zigzag") -> Tensor:
@@ -545,7 +546,7 @@ def unshard(x: Tensor, group: object = None, *, dim: int = 2, layout: str = "zig
     Communicates (an all-gather) and returns a tensor without gradient history.
     """
     pg, dim = _check_shard_arguments(x, group, dim, layout)
-    if layout == "zigzag" and dist.get_world_size(pg) > 1 and x.size(dim) % 2:
+    if layout == "zigzag" and comm.group_facts(pg)[1] > 1 and x.size(dim) % 2:
         raise ValueError(
             f"x.size({dim}) = {x.size(dim)} must be even: a zigzag shard holds two equal chunks"
         )

@@ -161,8 +161,7 @@ class Ring:
 
     def __init__(self, group: dist.ProcessGroup) -> None:
         self.group = group
-        self.rank = dist.get_rank(group)
-        self.size = dist.get_world_size(group)
+        self.rank, self.size, _ = group_facts(group)
         self._next_local = (self.rank + 1) % self.size
         self._prev_local = (self.rank - 1) % self.size
         # P2POp wants global ranks.

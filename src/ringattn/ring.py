@@ -61,13 +61,11 @@ class ForwardAccumulator:
 
     def __init__(self, blocks: int) -> None:
         self.blocks = blocks
-        self.added = 0
         self.out: Tensor | None = None
         self.lse: Tensor | None = None
         self.aux: Any = None
 
     def add(self, plan: BlockPlan, out: Tensor, lse: Tensor, aux: Any) -> None:
-        self.added += 1
         if self.out is None:
             if plan.q_part is not Part.ALL:
                 raise AssertionError("the first computed block must cover every query row")
