@@ -1,7 +1,17 @@
-"""Train a tiny decoder-only transformer context-parallel with ringattn.context_parallel.
+"""Train a tiny decoder-only transformer context-parallel, three ways.
 
-The model is ordinary single-device code (it calls F.scaled_dot_product_attention); only the
-training step is wrapped. Run on CPUs or GPUs:
+The model is ordinary single-device code (it calls F.scaled_dot_product_attention). Pick how
+it becomes context-parallel with --entry:
+
+- context_parallel: ``ringattn.context_parallel`` shards the batch's sequence buffers in
+  place around the step and routes SDPA on the shards to ring attention.
+- attention_context_parallel: the model runs on DTensors (replicated weights, inputs sharded
+  along the sequence) and ``ringattn.attention_context_parallel`` runs their SDPA as ring
+  attention; the optimizer reduces the gradients.
+- parallel_style: ``parallelize_module(model, mesh, {"blocks.*": AttentionContextParallel()})``
+  routes SDPA inside every block; inputs are sharded with ``ringattn.shard``.
+
+Run on CPUs or GPUs:
 
     torchrun --nproc-per-node=2 examples/train_tiny_lm.py --seq-len 4096 --steps 5
 
@@ -18,8 +28,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_module
+from torch.distributed.tensor.experimental import implicit_replication
+from torch.distributed.tensor.parallel import parallelize_module
 
 import ringattn
+
+ENTRIES = ("context_parallel", "attention_context_parallel", "parallel_style")
+IGNORE = -100
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -67,8 +84,84 @@ class TinyLM(nn.Module):
         return self.head(x)
 
 
+def next_token_labels(ids: torch.Tensor) -> torch.Tensor:
+    """Labels for next-token loss, shifted on the full sequence (before any sharding)."""
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, :-1] = ids[:, 1:]
+    return labels
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
+
+
+def parallelize(model: nn.Module, entry: str, mesh: DeviceMesh, backend: str) -> nn.Module:
+    """Set the model up once for ``entry``; "single" and "context_parallel" need nothing."""
+    if entry == "attention_context_parallel":
+        return distribute_module(model, mesh)  # weights become replicated DTensors
+    if entry == "parallel_style":
+        style = ringattn.AttentionContextParallel(backend=backend)
+        return parallelize_module(model, mesh, {"blocks.*": style})
+    return model
+
+
+def train_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    entry: str,
+    mesh: DeviceMesh | None,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    backend: str = "auto",
+) -> float:
+    """One optimizer step on the full batch (ids, labels, positions); returns the mean loss.
+
+    "single" trains on one process; the other entries split the sequence over ``mesh`` and
+    give every rank the same loss and update as "single" would.
+    """
+    ids, labels, positions = batch
+    tokens = int((labels != IGNORE).sum())
+    opt.zero_grad()
+    if entry == "single":
+        total = loss_sum(model(ids, positions), labels)
+        (total / tokens).backward()
+    elif entry == "context_parallel":
+        with ringattn.context_parallel(mesh, [ids, labels, positions], [1, 1, 1], backend=backend):
+            total = loss_sum(model(ids, positions), labels)
+            (total / tokens).backward()
+    elif entry == "attention_context_parallel":
+        # Local shards in ringattn's balanced layout, seen as one sequence-sharded DTensor.
+        ids, labels, positions = (
+            DTensor.from_local(ringattn.shard(x, mesh, dim=1), mesh, [Shard(1)], run_check=False)
+            for x in batch
+        )
+        # implicit_replication lets the model's plain constant tensors meet DTensors.
+        with ringattn.attention_context_parallel(layout="zigzag", backend=backend):
+            with implicit_replication():
+                total = loss_sum(model(ids, positions), labels)
+                (total / tokens).backward()
+        total = total.full_tensor()  # gradients stay partial sums: the update reduces them
+    elif entry == "parallel_style":
+        ids, labels, positions = (ringattn.shard(x, mesh, dim=1) for x in batch)
+        total = loss_sum(model(ids, positions), labels)
+        (total / tokens).backward()
+    else:
+        raise ValueError(f"entry must be 'single' or one of {ENTRIES}, got {entry!r}")
+    if entry in ("context_parallel", "parallel_style"):
+        # Every rank saw its own tokens: sum the parameter gradients and the loss.
+        for param in model.parameters():
+            dist.all_reduce(param.grad)
+        total = total.detach().clone()
+        dist.all_reduce(total)
+    opt.step()
+    return float(total.detach()) / tokens
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--entry", choices=ENTRIES, default="context_parallel")
+    p.add_argument("--backend", choices=ringattn.BACKENDS, default="auto")
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--vocab", type=int, default=1000)
@@ -87,39 +180,27 @@ def main() -> None:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh(device.type, (world,))
     dtype = torch.bfloat16 if cuda else torch.float32
 
     torch.manual_seed(0)  # the same model and batch on every rank
     model = TinyLM(args.vocab, args.dim, args.heads, args.kv_heads, args.layers)
-    model = model.to(device=device, dtype=dtype)
+    model = parallelize(model.to(device=device, dtype=dtype), args.entry, mesh, args.backend)
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     ids = torch.randint(0, args.vocab, (1, args.seq_len), device=device)
-    labels = torch.full_like(ids, -100)
-    labels[:, :-1] = ids[:, 1:]  # next-token labels, shifted on the full sequence
     positions = torch.arange(args.seq_len, device=device)[None]
-    tokens = int((labels != -100).sum())
+    batch = (ids, next_token_labels(ids), positions)
 
     for step in range(args.steps):
         start = time.perf_counter()
-        opt.zero_grad()
-        with ringattn.context_parallel(None, [ids, labels, positions], [1, 1, 1]):
-            logits = model(ids, positions)
-            loss_sum = F.cross_entropy(
-                logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
-            )
-            (loss_sum / tokens).backward()
-        for param in model.parameters():  # each rank saw its own tokens
-            dist.all_reduce(param.grad)
-        opt.step()
-        total = loss_sum.detach().clone()
-        dist.all_reduce(total)
+        loss = train_step(model, opt, args.entry, mesh, batch, args.backend)
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         if rank == 0:
             print(
-                f"step {step}: loss {float(total) / tokens:.4f}, "
-                f"{args.seq_len / elapsed:,.0f} tokens/s on {world} ranks ({device.type})",
+                f"step {step}: loss {loss:.4f}, {args.seq_len / elapsed:,.0f} tokens/s on "
+                f"{world} ranks ({device.type}, {args.entry})",
                 flush=True,
             )
     dist.destroy_process_group()

@@ -1,0 +1,345 @@
+"""DTensor and ``parallelize_module`` integration.
+
+``attention_context_parallel()`` makes ``F.scaled_dot_product_attention`` on DTensors that
+shard the sequence dimension run as ring attention over the mesh dimension that shards it;
+the result is a DTensor with the query's placements, differentiable through the ring. It
+works through a ``TorchFunctionMode`` and leaves PyTorch's DTensor dispatcher untouched, so
+leaving the context, also by an exception, restores the dispatch state exactly.
+
+``AttentionContextParallel`` is a ``ParallelStyle``: inside the forward of the module it is
+applied to, SDPA on this rank's shards (plain tensors) runs as ring attention over the mesh,
+and outputs come back as local tensors. It takes modules that call
+``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.parallel import ParallelStyle
+from torch.overrides import TorchFunctionMode
+
+from .api import ring_attention
+from .layout import num_chunks
+from .routing import RingSDPA, check_route_options, parse_sdpa_call
+
+__all__ = ["AttentionContextParallel", "attention_context_parallel"]
+
+_SEQ_DIM = 2  # of SDPA's [batch, heads, seq, head_dim]
+_WHERE_DTENSOR = "ringattn.attention_context_parallel"
+_WHERE_STYLE = "ringattn.AttentionContextParallel"
+
+
+def _sequence_mesh_dim(q: DTensor, k: Any, v: Any) -> int | None:
+    """The mesh dimension that shards the sequence of q, k and v (None: none does).
+
+    Raises TypeError/ValueError for inputs ring attention cannot take, on every rank alike
+    (DTensor metadata is global), before any communication.
+    """
+    prefix = f"scaled_dot_product_attention under {_WHERE_DTENSOR}"
+    for name, x in (("key", k), ("value", v)):
+        if not isinstance(x, DTensor):
+            raise TypeError(
+                f"{prefix}: query is a DTensor but {name} is a {type(x).__name__}; pass query, "
+                "key and value as DTensors on the same mesh"
+            )
+        if x.device_mesh != q.device_mesh:
+            raise ValueError(
+                f"{prefix}: {name} is on {x.device_mesh}, query on {q.device_mesh}; "
+                "they must share a mesh"
+            )
+        if tuple(x.placements) != tuple(q.placements):
+            raise ValueError(
+                f"{prefix}: {name} has placements {tuple(x.placements)}, query "
+                f"{tuple(q.placements)}; they must be the same"
+            )
+    if q.dim() != 4:
+        raise ValueError(
+            f"{prefix}: query must be 4-D [batch, heads, seq, head_dim], got shape {tuple(q.shape)}"
+        )
+    seq_dims = []
+    for mesh_dim, placement in enumerate(q.placements):
+        if placement.is_partial():
+            raise ValueError(
+                f"{prefix}: placement {placement} on mesh dimension {mesh_dim} is a pending "
+                "reduction; redistribute query, key and value first"
+            )
+        if not isinstance(placement, Shard):
+            continue
+        tensor_dim = placement.dim % 4
+        if type(placement) is not Shard or tensor_dim == 3:
+            raise ValueError(
+                f"{prefix}: placement {placement} on mesh dimension {mesh_dim} is not supported; "
+                "shard the batch (dim 0), heads (dim 1) or sequence (dim 2)"
+            )
+        if tensor_dim == _SEQ_DIM:
+            seq_dims.append(mesh_dim)
+    if len(seq_dims) > 1:
+        raise ValueError(
+            f"{prefix}: the sequence is sharded over mesh dimensions {seq_dims}; shard it over one"
+        )
+    return seq_dims[0] if seq_dims else None
+
+
+def _check_mesh(mesh: DeviceMesh | None, q: DTensor, ring_dim: int) -> None:
+    if mesh is None or mesh == q.device_mesh:
+        return
+    if mesh.ndim == 1 and mesh.get_group() == q.device_mesh.get_group(ring_dim):
+        return
+    raise ValueError(
+        f"scaled_dot_product_attention under {_WHERE_DTENSOR}: the inputs shard the sequence "
+        f"over dimension {ring_dim} of {q.device_mesh}, which is not the context's mesh {mesh}"
+    )
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _ring_sdpa_on_dtensors(
+    args: tuple, kwargs: dict, mesh: DeviceMesh | None, layout: str, backend: str
+) -> DTensor | None:
+    """Ring attention for a DTensor SDPA call; None when the sequence is not sharded."""
+    call = parse_sdpa_call(_WHERE_DTENSOR, args, kwargs)
+    q, k, v = call.query, call.key, call.value
+    if not isinstance(q, DTensor):
+        raise TypeError(
+            f"scaled_dot_product_attention under {_WHERE_DTENSOR}: key or value is a DTensor "
+            f"but query is a {type(q).__name__}; pass all three as DTensors on the same mesh"
+        )
+    ring_dim = _sequence_mesh_dim(q, k, v)
+    if ring_dim is None:
+        return None
+    _check_mesh(mesh, q, ring_dim)
+    ring_size = q.device_mesh.size(ring_dim)
+    chunks = num_chunks(ring_size, layout)
+    for name, x in (("query", q), ("key", k)):
+        if x.size(_SEQ_DIM) % chunks:
+            raise ValueError(
+                f"scaled_dot_product_attention under {_WHERE_DTENSOR}: {name} has "
+                f"{x.size(_SEQ_DIM)} positions, which layout={layout!r} on {ring_size} ranks "
+                f"cannot split evenly (needs a multiple of {chunks})"
+            )
+    out = ring_attention(
+        q.to_local(),
+        k.to_local(),
+        v.to_local(),
+        q.device_mesh.get_group(ring_dim),
+        causal=call.is_causal,
+        scale=call.scale,
+        layout=layout,
+        backend=backend,
+    )
+    shape = (*q.shape[:3], v.size(3))
+    return DTensor.from_local(
+        out,
+        q.device_mesh,
+        q.placements,
+        run_check=False,
+        shape=torch.Size(shape),
+        stride=_contiguous_strides(shape),
+    )
+
+
+class _DTensorRingSDPA(TorchFunctionMode):
+    """Runs SDPA on sequence-sharded DTensors as ring attention; everything else unchanged."""
+
+    def __init__(self, mesh: DeviceMesh | None, layout: str, backend: str) -> None:
+        super().__init__()
+        self.mesh = mesh
+        self.layout = layout
+        self.backend = backend
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and any(
+            isinstance(x, DTensor) for x in (*args[:3], *kwargs.values())
+        ):
+            out = _ring_sdpa_on_dtensors(args, kwargs, self.mesh, self.layout, self.backend)
+            if out is not None:
+                return out
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def attention_context_parallel(
+    mesh: DeviceMesh | None = None, *, layout: str = "contiguous", backend: str = "auto"
+) -> Iterator[None]:
+    """Run SDPA on DTensors that shard the sequence as ring attention, inside the context.
+
+    ``F.scaled_dot_product_attention(q, k, v, is_causal=..., scale=..., enable_gqa=...)``
+    with q, k and v DTensors ``[B, H, S, D]`` of equal placements, one of which is
+    ``Shard(2)``, returns attention over the whole sequence as a DTensor with q's
+    placements, forward and backward, on every backend. Other mesh dimensions may shard
+    the batch (``Shard(0)``) or heads (``Shard(1)``), or replicate. SDPA on plain tensors
+    and on DTensors with an unsharded sequence runs as usual.
+
+    Args:
+        mesh: the mesh to run on (None: the inputs' own). Either the inputs' mesh or the
+            1-D mesh of the dimension that shards their sequence; inputs on another raise.
+        layout: how the DTensor's sequence maps to positions. ``"contiguous"``: it is in
+            order, as ``distribute_tensor(x, mesh, [Shard(2)])`` makes it. ``"zigzag"``: each
+            rank's local shard is :func:`ringattn.shard` of the sequence (balanced causal
+            work), e.g. ``DTensor.from_local(ringattn.shard(x, mesh), mesh, [Shard(2)])``.
+        backend: the attention backend, as for :func:`ringattn.ring_attention`.
+
+    Raises:
+        ValueError, TypeError: an unknown layout or backend, or a mesh that is not a
+            DeviceMesh, at entry; inside, SDPA calls ring attention cannot run (masks,
+            dropout, mixed placements, a sequence the layout cannot split), before any
+            communication.
+    """
+    check_route_options(layout, backend)
+    if mesh is not None and not isinstance(mesh, DeviceMesh):
+        raise TypeError(f"mesh must be None or a DeviceMesh, got {type(mesh).__name__}")
+    with _DTensorRingSDPA(mesh, layout, backend):
+        yield
+
+
+def _local_input(name: str, x: Any, mesh: DeviceMesh) -> Any:
+    if not isinstance(x, DTensor):
+        return x
+    if x.device_mesh != mesh:
+        raise ValueError(
+            f"{_WHERE_STYLE}: input {name} is a DTensor on {x.device_mesh}, the module was "
+            f"parallelized over {mesh}"
+        )
+    if not any(isinstance(p, Shard) for p in x.placements):
+        raise ValueError(
+            f"{_WHERE_STYLE}: input {name} has placements {tuple(x.placements)}; pass this "
+            "rank's sequence shard (a plain tensor or a DTensor sharded on the sequence)"
+        )
+    return x.to_local()
+
+
+def _local_outputs(output: Any) -> Any:
+    if isinstance(output, DTensor):
+        return output.to_local()
+    if isinstance(output, tuple):
+        return tuple(_local_outputs(x) for x in output)
+    return output
+
+
+def _multihead_arguments(module: nn.MultiheadAttention, args: tuple, kwargs: dict):
+    """Arguments for nn.MultiheadAttention that keep it on SDPA (need_weights=False)."""
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    if bound.arguments.get("key_padding_mask") is not None:
+        raise ValueError(
+            f"{_WHERE_STYLE}: nn.MultiheadAttention's key_padding_mask is not supported; "
+            "pass sequences without padding"
+        )
+    if bound.arguments.get("need_weights", False):
+        raise ValueError(
+            f"{_WHERE_STYLE}: nn.MultiheadAttention with need_weights=True forms attention "
+            "weights outside SDPA, which ring attention cannot shard; pass need_weights=False"
+        )
+    # Its default need_weights=True would bypass SDPA and attend to local keys only.
+    bound.arguments["need_weights"] = False
+    return bound.args, bound.kwargs
+
+
+class _ModuleRoute:
+    """Forward hooks that route one module's SDPA calls to the ring while it runs."""
+
+    def __init__(self, mesh: DeviceMesh, layout: str, backend: str) -> None:
+        self.mesh = mesh
+        self.group = mesh.get_group()
+        self.layout = layout
+        self.backend = backend
+        # One entry per forward in progress; None until its mode is pushed, so that a
+        # pre-hook that raised leaves nothing for the always-called exit hook to pop.
+        self.active: list[RingSDPA | None] = []
+
+    def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self.active.append(None)
+        args = tuple(_local_input(str(i), x, self.mesh) for i, x in enumerate(args))
+        kwargs = {name: _local_input(name, x, self.mesh) for name, x in kwargs.items()}
+        if isinstance(module, nn.MultiheadAttention):
+            args, kwargs = _multihead_arguments(module, args, kwargs)
+        mode = RingSDPA(self.group, self.layout, self.backend, _WHERE_STYLE)
+        mode.__enter__()
+        self.active[-1] = mode
+        return args, kwargs
+
+    def exit(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        mode = self.active.pop() if self.active else None
+        if mode is not None:
+            mode.__exit__(None, None, None)
+        return _local_outputs(output)
+
+
+class AttentionContextParallel(ParallelStyle):
+    """A ``ParallelStyle`` that runs an attention module context-parallel over a 1-D mesh.
+
+    While the module runs, ``F.scaled_dot_product_attention`` inside it computes ring
+    attention over the mesh on this rank's sequence shard; everything else in the module is
+    local and unchanged. Inputs are this rank's shards (plain tensors, or DTensors sharded
+    on the mesh, which are taken as their local shards); outputs are local tensors.
+
+    Works for modules that call ``F.scaled_dot_product_attention`` (self-attention with one
+    input, or q, k, v as three) and for ``nn.MultiheadAttention``, which is kept on SDPA by
+    passing ``need_weights=False`` (its default; an explicit ``need_weights=True`` raises).
+    Causal attention needs ``is_causal=True`` (for ``nn.MultiheadAttention`` with the causal
+    ``attn_mask`` it requires alongside); other masks, ``key_padding_mask`` and dropout raise.
+
+    Shard the inputs with the same layout, e.g. ``ringattn.shard(x, mesh, dim=1)`` for
+    ``[batch, seq, dim]`` inputs, and position ids alike.
+
+    Args:
+        layout: how the sequence was split: ``"zigzag"`` (balanced causal work) or
+            ``"contiguous"``.
+        backend: the attention backend, as for :func:`ringattn.ring_attention`.
+
+    Example::
+
+        mesh = init_device_mesh("cuda", (world_size,))
+        parallelize_module(model, mesh, {"layers.*.attn": AttentionContextParallel()})
+    """
+
+    # Modules already routed: a second style on one module would route its calls twice.
+    _ROUTED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+    def __init__(self, *, layout: str = "zigzag", backend: str = "auto") -> None:
+        super().__init__()
+        check_route_options(layout, backend)
+        self.layout = layout
+        self.backend = backend
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if not isinstance(device_mesh, DeviceMesh):
+            raise TypeError(
+                f"{_WHERE_STYLE}: device_mesh must be a DeviceMesh, got "
+                f"{type(device_mesh).__name__}"
+            )
+        if device_mesh.ndim != 1:
+            raise ValueError(
+                f"{_WHERE_STYLE}: device_mesh must be 1-D, got {device_mesh.ndim}-D; pass "
+                "mesh['dim_name'] for the context-parallel dimension"
+            )
+        if isinstance(module, nn.MultiheadAttention) and (
+            module.bias_k is not None or module.add_zero_attn
+        ):
+            raise ValueError(
+                f"{_WHERE_STYLE}: nn.MultiheadAttention with add_bias_kv or add_zero_attn "
+                "appends keys to every rank's shard; it cannot run context-parallel"
+            )
+        if module in self._ROUTED:
+            raise ValueError(f"{_WHERE_STYLE}: {type(module).__name__} is parallelized already")
+        route = _ModuleRoute(device_mesh, self.layout, self.backend)
+        module.register_forward_pre_hook(route.enter, with_kwargs=True)
+        module.register_forward_hook(route.exit, always_call=True)
+        self._ROUTED.add(module)
+        return module
