@@ -343,10 +343,13 @@ def run_routing_checks(rank: int, world: int) -> dict:
     original = ids.clone()
     q = torch.randn(1, 4, 8, 16)
     kv = torch.randn(1, 2, 8, 16)
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+    x = torch.randn(1, 8, 16)
     cases = {
         "attn_mask": lambda: F.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(8, 8)),
         "dropout": lambda: F.scaled_dot_product_attention(q, q, q, dropout_p=0.1),
         "gqa_flag": lambda: F.scaled_dot_product_attention(q, kv, kv),
+        "mha_weights": lambda: mha(x, x, x),
         "body_raises": lambda: (_ for _ in ()).throw(KeyError("from the body")),
     }
     for name, body in cases.items():

@@ -59,6 +59,7 @@ def test_unsupported_sdpa_arguments_raise_and_buffers_come_back(routing) -> None
         "attn_mask": ("ValueError", "attn_mask is not supported"),
         "dropout": ("ValueError", "dropout_p must be 0.0"),
         "gqa_flag": ("ValueError", "pass enable_gqa=True"),
+        "mha_weights": ("ValueError", "need_weights=True (its default)"),
         "body_raises": ("KeyError", "from the body"),
     }
     for found in routing:

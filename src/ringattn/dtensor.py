@@ -21,16 +21,21 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import ParallelStyle
-from torch.overrides import TorchFunctionMode
 
 from .api import ring_attention
 from .layout import num_chunks
-from .routing import RingSDPA, check_route_options, parse_sdpa_call
+from .sdpa_route import (
+    TORCH_SDPA,
+    RingSDPA,
+    SDPARoute,
+    bind_sdpa_arguments,
+    check_route_options,
+    parse_sdpa_call,
+)
 
 __all__ = ["AttentionContextParallel", "attention_context_parallel"]
 
@@ -109,11 +114,15 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _ring_sdpa_on_dtensors(
+def _sdpa_on_dtensors(
     args: tuple, kwargs: dict, mesh: DeviceMesh | None, layout: str, backend: str
 ) -> DTensor | None:
-    """Ring attention for a DTensor SDPA call; None when the sequence is not sharded."""
-    call = parse_sdpa_call(_WHERE_DTENSOR, args, kwargs)
+    """SDPA on DTensors; None leaves the call to PyTorch's own DTensor rules.
+
+    A sharded sequence runs as ring attention. A whole sequence (batch or heads sharded, or
+    replicated) needs no communication: SDPA runs on the local tensors, on every backend.
+    """
+    call = bind_sdpa_arguments(*args, **kwargs)
     q, k, v = call.query, call.key, call.value
     if not isinstance(q, DTensor):
         raise TypeError(
@@ -122,27 +131,18 @@ def _ring_sdpa_on_dtensors(
         )
     ring_dim = _sequence_mesh_dim(q, k, v)
     if ring_dim is None:
-        return None
-    _check_mesh(mesh, q, ring_dim)
-    ring_size = q.device_mesh.size(ring_dim)
-    chunks = num_chunks(ring_size, layout)
-    for name, x in (("query", q), ("key", k)):
-        if x.size(_SEQ_DIM) % chunks:
-            raise ValueError(
-                f"scaled_dot_product_attention under {_WHERE_DTENSOR}: {name} has "
-                f"{x.size(_SEQ_DIM)} positions, which layout={layout!r} on {ring_size} ranks "
-                f"cannot split evenly (needs a multiple of {chunks})"
-            )
-    out = ring_attention(
-        q.to_local(),
-        k.to_local(),
-        v.to_local(),
-        q.device_mesh.get_group(ring_dim),
-        causal=call.is_causal,
-        scale=call.scale,
-        layout=layout,
-        backend=backend,
-    )
+        if call.attn_mask is not None or call.dropout_p != 0.0:
+            return None  # a mask or dropout may need the global view
+        out = TORCH_SDPA(
+            q.to_local(),
+            k.to_local(),
+            v.to_local(),
+            is_causal=call.is_causal,
+            scale=call.scale,
+            enable_gqa=call.enable_gqa,
+        )
+    else:
+        out = _ring_on_local_shards(args, kwargs, mesh, layout, backend, ring_dim)
     shape = (*q.shape[:3], v.size(3))
     return DTensor.from_local(
         out,
@@ -154,8 +154,37 @@ def _ring_sdpa_on_dtensors(
     )
 
 
-class _DTensorRingSDPA(TorchFunctionMode):
+def _ring_on_local_shards(
+    args: tuple, kwargs: dict, mesh: DeviceMesh | None, layout: str, backend: str, ring_dim: int
+) -> torch.Tensor:
+    call = parse_sdpa_call(_WHERE_DTENSOR, args, kwargs)
+    q, k, v = call.query, call.key, call.value
+    _check_mesh(mesh, q, ring_dim)
+    ring_size = q.device_mesh.size(ring_dim)
+    chunks = num_chunks(ring_size, layout)
+    for name, x in (("query", q), ("key", k)):
+        if x.size(_SEQ_DIM) % chunks:
+            raise ValueError(
+                f"scaled_dot_product_attention under {_WHERE_DTENSOR}: {name} has "
+                f"{x.size(_SEQ_DIM)} positions, which layout={layout!r} on {ring_size} ranks "
+                f"cannot split evenly (needs a multiple of {chunks})"
+            )
+    return ring_attention(
+        q.to_local(),
+        k.to_local(),
+        v.to_local(),
+        q.device_mesh.get_group(ring_dim),
+        causal=call.is_causal,
+        scale=call.scale,
+        layout=layout,
+        backend=backend,
+    )
+
+
+class _DTensorRingSDPA(SDPARoute):
     """Runs SDPA on sequence-sharded DTensors as ring attention; everything else unchanged."""
+
+    where = _WHERE_DTENSOR
 
     def __init__(self, mesh: DeviceMesh | None, layout: str, backend: str) -> None:
         super().__init__()
@@ -163,15 +192,12 @@ class _DTensorRingSDPA(TorchFunctionMode):
         self.layout = layout
         self.backend = backend
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and any(
-            isinstance(x, DTensor) for x in (*args[:3], *kwargs.values())
-        ):
-            out = _ring_sdpa_on_dtensors(args, kwargs, self.mesh, self.layout, self.backend)
+    def sdpa(self, args: tuple, kwargs: dict) -> Any:
+        if any(isinstance(x, DTensor) for x in (*args[:3], *kwargs.values())):
+            out = _sdpa_on_dtensors(args, kwargs, self.mesh, self.layout, self.backend)
             if out is not None:
                 return out
-        return func(*args, **kwargs)
+        return TORCH_SDPA(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -234,20 +260,13 @@ def _local_outputs(output: Any) -> Any:
 
 
 def _multihead_arguments(module: nn.MultiheadAttention, args: tuple, kwargs: dict):
-    """Arguments for nn.MultiheadAttention that keep it on SDPA (need_weights=False)."""
+    """nn.MultiheadAttention's arguments with need_weights=False unless given.
+
+    Its default need_weights=True would form attention weights outside SDPA, over this
+    rank's keys only; an explicit True is refused by the route.
+    """
     bound = inspect.signature(module.forward).bind(*args, **kwargs)
-    if bound.arguments.get("key_padding_mask") is not None:
-        raise ValueError(
-            f"{_WHERE_STYLE}: nn.MultiheadAttention's key_padding_mask is not supported; "
-            "pass sequences without padding"
-        )
-    if bound.arguments.get("need_weights", False):
-        raise ValueError(
-            f"{_WHERE_STYLE}: nn.MultiheadAttention with need_weights=True forms attention "
-            "weights outside SDPA, which ring attention cannot shard; pass need_weights=False"
-        )
-    # Its default need_weights=True would bypass SDPA and attend to local keys only.
-    bound.arguments["need_weights"] = False
+    bound.arguments.setdefault("need_weights", False)
     return bound.args, bound.kwargs
 
 

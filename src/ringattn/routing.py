@@ -12,106 +12,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
 from . import comm
-from .api import ring_attention
-from .kernels import BACKENDS
-from .layout import LAYOUTS, num_chunks, shard_for_rank, unshard_shards
+from .layout import num_chunks, shard_for_rank, unshard_shards
+from .sdpa_route import RingSDPA, check_route_options
 
 __all__ = ["context_parallel", "context_parallel_unshard"]
-
-
-def _sdpa_arguments(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attn_mask: Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-) -> SDPACall:
-    return SDPACall(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-
-
-class SDPACall(NamedTuple):
-    """The arguments of one ``F.scaled_dot_product_attention`` call, by SDPA's own names."""
-
-    query: Any
-    key: Any
-    value: Any
-    attn_mask: Any
-    dropout_p: float
-    is_causal: bool
-    scale: float | None
-    enable_gqa: bool
-
-
-def parse_sdpa_call(where: str, args: tuple, kwargs: dict) -> SDPACall:
-    """Bind SDPA's arguments; raise ValueError for what ring attention cannot do.
-
-    ``where`` names the entry point in messages (e.g. ``"ringattn.context_parallel"``).
-    """
-    call = _sdpa_arguments(*args, **kwargs)
-    prefix = f"scaled_dot_product_attention under {where}"
-    if call.attn_mask is not None:
-        raise ValueError(
-            f"{prefix}: attn_mask is not supported (the mask would have to be sharded); use "
-            "is_causal=True or no mask"
-        )
-    if call.dropout_p != 0.0:
-        raise ValueError(f"{prefix}: dropout_p must be 0.0, got {call.dropout_p}")
-    q, k = call.query, call.key
-    if not call.enable_gqa and k.dim() == 4 and q.dim() == 4 and k.size(1) != q.size(1):
-        raise ValueError(
-            f"{prefix}: key has {k.size(1)} heads and query {q.size(1)}; pass enable_gqa=True "
-            "for grouped-query attention, as plain SDPA requires"
-        )
-    return call
-
-
-class RingSDPA(TorchFunctionMode):
-    """Runs ``F.scaled_dot_product_attention`` on local shards as ring attention over ``group``.
-
-    ``where`` names the entry point that pushed the mode, for error messages.
-    """
-
-    def __init__(self, group: Any, layout: str, backend: str, where: str) -> None:
-        super().__init__()
-        self.group = group
-        self.layout = layout
-        self.backend = backend
-        self.where = where
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            call = parse_sdpa_call(self.where, args, kwargs)
-            return ring_attention(
-                call.query,
-                call.key,
-                call.value,
-                self.group,
-                causal=call.is_causal,
-                scale=call.scale,
-                layout=self.layout,
-                backend=self.backend,
-            )
-        return func(*args, **kwargs)
-
-
-def check_route_options(layout: object, backend: object) -> None:
-    """Raise ValueError for an unknown layout or backend, before anything is set up."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def _check_buffers(
