@@ -18,6 +18,11 @@ timeout 900 python3 -m torch.distributed.run --standalone --nproc-per-node="$gpu
     scripts/gpu_check.py --json "$out/gpu_check.json" 2>&1 | tee "$out/gpu_check.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+echo "== integration: the example's model through each entry point vs one GPU (bf16)"
+timeout 600 python3 -m torch.distributed.run --standalone --nproc-per-node="$gpus" \
+    scripts/gpu_integration.py --json "$out/gpu_integration.json" 2>&1 | tee "$out/gpu_integration.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 echo "== demo: default size, and 128K tokens"
 timeout 600 python3 -m ringattn demo --json "$out/demo_default.json" || status=1
 timeout 600 python3 -m ringattn demo --seq-len 131072 --json "$out/demo_128k.json" || status=1
