@@ -7,7 +7,7 @@ it becomes context-parallel with --entry:
   place around the step and routes SDPA on the shards to ring attention.
 - attention_context_parallel: the model runs on DTensors (replicated weights, inputs sharded
   along the sequence) and ``ringattn.attention_context_parallel`` runs their SDPA as ring
-  attention; the optimizer reduces the gradients.
+  attention.
 - parallel_style: ``parallelize_module(model, mesh, {"blocks.*": AttentionContextParallel()})``
   routes SDPA inside every block; inputs are sharded with ``ringattn.shard``.
 
@@ -141,7 +141,11 @@ def train_step(
             with implicit_replication():
                 total = loss_sum(model(ids, positions), labels)
                 (total / tokens).backward()
-        total = total.full_tensor()  # gradients stay partial sums: the update reduces them
+        total = total.full_tensor()
+        # Each rank's gradients are partial sums over its tokens: reduce them before the
+        # update, so that the optimizer's state holds whole gradients.
+        for param in model.parameters():
+            param.grad = param.grad.redistribute(placements=param.placements)
     elif entry == "parallel_style":
         ids, labels, positions = (ringattn.shard(x, mesh, dim=1) for x in batch)
         total = loss_sum(model(ids, positions), labels)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -232,7 +233,9 @@ STYLE_CASES: dict[str, tuple[Callable[[], nn.Module], int, int, Callable[[int], 
 }
 
 
-def _style_errors(rank: int, world: int, name: str, dtensor_inputs: bool) -> dict[str, float]:
+def _style_errors(
+    rank: int, world: int, name: str, dtensor_inputs: bool = False, checkpointed: bool = False
+) -> dict[str, float]:
     factory, seq_dim, n_inputs, call_kwargs = STYLE_CASES[name]
     mesh = init_device_mesh("cpu", (world,))
     seq = 8 * world
@@ -258,7 +261,12 @@ def _style_errors(rank: int, world: int, name: str, dtensor_inputs: bool) -> dic
     args = shards
     if dtensor_inputs:
         args = [DTensor.from_local(x, mesh, [Shard(seq_dim)], run_check=False) for x in shards]
-    got = module(*args, **call_kwargs(seq // world))
+    if checkpointed:  # the backward recomputes the module's forward, SDPA included
+        got = torch.utils.checkpoint.checkpoint(
+            module, *args, use_reentrant=False, **call_kwargs(seq // world)
+        )
+    else:
+        got = module(*args, **call_kwargs(seq // world))
     weights = None
     if isinstance(got, tuple):
         got, weights = got
@@ -279,8 +287,9 @@ def run_style_checks(rank: int, world: int) -> dict:
     """AttentionContextParallel on each kind of module, then the inputs it must refuse."""
     found: dict = {}
     for name in STYLE_CASES:
-        found[name] = _style_errors(rank, world, name, dtensor_inputs=False)
+        found[name] = _style_errors(rank, world, name)
     found["dtensor_inputs"] = _style_errors(rank, world, "mha_batch_first_causal", True)
+    found["checkpointed"] = _style_errors(rank, world, "self_attention", checkpointed=True)
 
     mesh = init_device_mesh("cpu", (world,))
     modes = list(_get_current_function_mode_stack())

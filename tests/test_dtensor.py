@@ -83,7 +83,7 @@ def style() -> list[dict]:
     return run_ranks(run_style_checks, 2)
 
 
-@pytest.mark.parametrize("name", [*STYLE_CASES, "dtensor_inputs"])
+@pytest.mark.parametrize("name", [*STYLE_CASES, "dtensor_inputs", "checkpointed"])
 def test_parallel_style_matches_one_process(style, name: str) -> None:
     for rank, found in enumerate(style):
         errors = found[name]
