@@ -6,6 +6,7 @@ import random
 from dataclasses import asdict, dataclass
 
 import torch
+from torch.overrides import _get_current_function_mode_stack
 
 import ringattn
 from ringattn import comm
@@ -352,6 +353,7 @@ def run_routing_checks(rank: int, world: int) -> dict:
         "mha_weights": lambda: mha(x, x, x),
         "body_raises": lambda: (_ for _ in ()).throw(KeyError("from the body")),
     }
+    modes = list(_get_current_function_mode_stack())
     for name, body in cases.items():
         try:
             with ringattn.context_parallel(None, [ids], [1]):
@@ -360,7 +362,30 @@ def run_routing_checks(rank: int, world: int) -> dict:
             found[name] = ("no error", "")
         except Exception as err:  # noqa: BLE001 - the test inspects it
             found[name] = (type(err).__name__, str(err))
-        found[f"{name}_restored"] = torch.equal(ids, original)
+        found[f"{name}_restored"] = torch.equal(ids, original) and (
+            list(_get_current_function_mode_stack()) == modes
+        )
+    # Full (non-causal) and causal attention under the default (zigzag) layout, forward and
+    # gradients, against float64 attention on the whole sequence.
+    g = torch.Generator().manual_seed(3)
+    full_q, full_k, full_v, full_dout = (
+        torch.randn(1, 4, 8 * world, 16, generator=g, dtype=torch.float64) for _ in range(4)
+    )
+    for causal in (False, True):
+        q_, k_, v_, dout_ = (x.clone() for x in (full_q, full_k, full_v, full_dout))
+        with ringattn.context_parallel(None, [q_, k_, v_, dout_], [2, 2, 2, 2]):
+            leaves = [x.clone().requires_grad_() for x in (q_, k_, v_)]
+            out = F.scaled_dot_product_attention(*leaves, is_causal=causal)
+            out.backward(dout_)
+            got = [out.detach(), *(x.grad for x in leaves)]
+            got = ringattn.context_parallel_unshard(None, got, [2, 2, 2, 2])
+        ref_leaves = [x.clone().requires_grad_() for x in (full_q, full_k, full_v)]
+        ref = ringattn.reference.attention(*ref_leaves, causal=causal)
+        ref.backward(full_dout)
+        want = [ref.detach(), *(x.grad for x in ref_leaves)]
+        found[f"numerics_causal={causal}"] = max(
+            float((a - b).abs().max() / b.abs().max()) for a, b in zip(got, want)
+        )
     # A length the layout cannot split: nothing is changed.
     odd = torch.arange(2 * 7 * world).view(2, 7 * world)
     try:

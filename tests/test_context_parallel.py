@@ -69,6 +69,12 @@ def test_unsupported_sdpa_arguments_raise_and_buffers_come_back(routing) -> None
             assert found[f"{name}_restored"]
 
 
+def test_full_and_causal_attention_match_the_reference_under_the_default_layout(routing) -> None:
+    for found in routing:
+        assert found["numerics_causal=False"] <= 1e-10
+        assert found["numerics_causal=True"] <= 1e-10
+
+
 def test_indivisible_buffers_are_rejected_untouched_and_unshard_restores_order(routing) -> None:
     for found in routing:
         assert "must be divisible by 4" in found["odd"]
