@@ -141,7 +141,8 @@ def run_dtensor_errors(rank: int, world: int) -> dict:
         )
     found["bad_layout"] = _catch(lambda: _in_context(lambda: None, "diagonal"))
     found["bad_mesh"] = _catch(lambda: ringattn.attention_context_parallel("mesh").__enter__())
-    found["bad_mesh_state"] = list(_get_current_function_mode_stack()) == modes
+    for name in ("bad_layout", "bad_mesh"):
+        found[f"{name}_state"] = list(_get_current_function_mode_stack()) == modes
     # Plain tensors inside the context, and DTensors whose sequence is whole, run as usual.
     with ringattn.attention_context_parallel():
         plain = sdpa(q, k, v, is_causal=True)
