@@ -10,11 +10,14 @@ from .api import ring_attention, set_cross_rank_check, set_cuda_graphs, shard, u
 from .kernels import BACKENDS
 from .layout import LAYOUTS
 from .routing import context_parallel, context_parallel_unshard
+from .strategies import STRATEGIES, attention
 
 __all__ = [
     "AttentionContextParallel",
     "BACKENDS",
     "LAYOUTS",
+    "STRATEGIES",
+    "attention",
     "attention_context_parallel",
     "context_parallel",
     "context_parallel_unshard",

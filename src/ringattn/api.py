@@ -374,13 +374,7 @@ def ring_attention(
     """
     group = comm.resolve_group(group)
     key = _call_key(group, q, k, v, causal, scale, layout, backend, return_lse)
-    call = _PREPARED.get(key) if key is not None else None
-    if call is None:
-        call = _prepare(group, q, k, v, causal, scale, layout, backend, return_lse)
-        if key is not None and _check_mode != "always":
-            if len(_PREPARED) >= _PREPARED_LIMIT:
-                _PREPARED.clear()
-            _PREPARED[key] = call
+    call = checked_call(group, q, k, v, causal, scale, layout, backend, return_lse, key)
     assert isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
     k, v = k.contiguous(), v.contiguous()
     if _cuda_graphs and key is not None and call.ring is not None and q.is_cuda:
@@ -466,6 +460,35 @@ def _call_key(
     )
 
 
+def checked_call(
+    group: dist.ProcessGroup,
+    q: object,
+    k: object,
+    v: object,
+    causal: object,
+    scale: object,
+    layout: object,
+    backend: object,
+    return_lse: object = False,
+    key: tuple | None | bool = True,
+) -> RingCall:
+    """The checked (and agreed across ``group``) call for these arguments, cached by signature.
+
+    Raises ValueError/TypeError on every rank of ``group`` for bad arguments, as
+    :func:`ring_attention` does. ``key``: the signature key if already computed.
+    """
+    if key is True:
+        key = _call_key(group, q, k, v, causal, scale, layout, backend, return_lse)
+    call = _PREPARED.get(key) if key is not None else None  # type: ignore[arg-type]
+    if call is None:
+        call = _prepare(group, q, k, v, causal, scale, layout, backend, return_lse)
+        if key is not None and _check_mode != "always":
+            if len(_PREPARED) >= _PREPARED_LIMIT:
+                _PREPARED.clear()
+            _PREPARED[key] = call  # type: ignore[index]
+    return call
+
+
 def _prepare(
     group: dist.ProcessGroup,
     q: object,
@@ -517,7 +540,7 @@ def _plans(rank: int, world_size: int, causal: bool, layout: str) -> tuple[Block
 def _check_shard_arguments(
     x: object, group: object, dim: object, layout: object
 ) -> tuple[dist.ProcessGroup, int]:
-    pg = comm.resolve_group(group)
+    pg = comm.resolve_mesh(group).flat
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if layout not in LAYOUTS:
@@ -530,6 +553,9 @@ def _check_shard_arguments(
 def shard(x: Tensor, group: object = None, *, dim: int = 2, layout: str = "zigzag") -> Tensor:
     """This rank's shard of the full tensor ``x`` (identical on every rank) along ``dim``.
 
+    ``group``: None (the world), a ProcessGroup, or a 1-D or 2-D DeviceMesh (a 2-D mesh
+    splits the sequence over all its ranks in row-major order, the layout that every
+    strategy of :func:`ringattn.attention` takes on it).
     ``"zigzag"`` cuts ``x`` into 2N chunks and keeps chunks r and 2N-1-r (a new tensor);
     ``"contiguous"`` keeps chunk r of N (a view). ``x.size(dim)`` must divide evenly.
     Needs no communication. Differentiable.

@@ -9,6 +9,7 @@ import datetime
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -53,6 +54,66 @@ def resolve_group(group: object) -> dist.ProcessGroup:
     raise TypeError(
         f"group must be None, a ProcessGroup or a 1-D DeviceMesh, got {type(group).__name__}"
     )
+
+
+@dataclass(frozen=True)
+class SequenceMesh:
+    """The ranks a sequence is sharded over, flattened row-major, and its 2-D split if any.
+
+    ``flat`` orders all ranks as the layout does; on a 2-D mesh ``outer`` and ``inner`` are
+    this rank's groups along dimensions 0 and 1 (``inner`` ranks are consecutive in ``flat``).
+    """
+
+    flat: dist.ProcessGroup
+    outer: dist.ProcessGroup | None = None
+    inner: dist.ProcessGroup | None = None
+
+    @property
+    def size(self) -> int:
+        return group_facts(self.flat)[1]
+
+    @property
+    def rank(self) -> int:
+        return group_facts(self.flat)[0]
+
+    @property
+    def inner_size(self) -> int:
+        return group_facts(self.inner)[1] if self.inner is not None else 1
+
+    @property
+    def outer_size(self) -> int:
+        return self.size // self.inner_size
+
+
+_MESHES: dict[Any, SequenceMesh] = {}
+
+
+def resolve_mesh(mesh: object) -> SequenceMesh:
+    """The :class:`SequenceMesh` of ``mesh``: None (the world), a ProcessGroup, or a 1-D or
+    2-D DeviceMesh. Raises ValueError/TypeError naming ``mesh``; no communication except
+    for a 2-D mesh that does not cover the world in rank order (one group made, once)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not isinstance(mesh, DeviceMesh) or mesh.ndim == 1:
+        try:
+            return SequenceMesh(resolve_group(mesh))
+        except (TypeError, ValueError) as err:
+            raise type(err)(str(err).replace("group", "mesh", 1)) from None
+    if mesh.ndim != 2:
+        raise ValueError(f"mesh must be 1-D or 2-D, got a {mesh.ndim}-D DeviceMesh")
+    found = _MESHES.get(mesh)
+    if found is None:
+        ranks = mesh.mesh.flatten().tolist()
+        if ranks == list(range(dist.get_world_size())):
+            flat = dist.group.WORLD
+        elif ranks == sorted(ranks):
+            flat = dist.new_group(ranks)
+        else:
+            raise ValueError(
+                f"mesh: a 2-D mesh's ranks must ascend in row-major order, got {mesh.mesh.tolist()}"
+            )
+        found = _MESHES[mesh] = SequenceMesh(flat, mesh.get_group(0), mesh.get_group(1))
+    return found
 
 
 # Per-group facts that never change, looked up once: PyTorch's lookups cost tens of us.
@@ -222,3 +283,19 @@ def ring_for(group: dist.ProcessGroup) -> Ring:
     if ring is None:
         ring = _RINGS[group] = Ring(group)
     return ring
+
+
+# torch 2.13 renamed the tensor-to-tensor collectives; older releases have only the old names.
+_GATHER_INTO = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER_INTO = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def all_gather_into(out: Tensor, x: Tensor, group: dist.ProcessGroup) -> None:
+    """``out`` (``[world, *x.shape]``) gets every rank's ``x``, in group-rank order."""
+    # Backends want the output as x.shape with the first dimension world times longer.
+    _GATHER_INTO(out.flatten(0, 1), x, group=group)
+
+
+def reduce_scatter_into(out: Tensor, x: Tensor, group: dist.ProcessGroup) -> None:
+    """``out`` gets the sum over ranks of ``x[rank]`` (``x`` is ``[world, *out.shape]``)."""
+    _REDUCE_SCATTER_INTO(out, x.flatten(0, 1), group=group)

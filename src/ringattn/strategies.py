@@ -1,0 +1,399 @@
+"""Every way to shard attention over the sequence, behind one call: ``ringattn.attention``.
+
+All strategies take the same local layout: the sequence split over the mesh's ranks in
+row-major order (``layout="zigzag"``: 2N chunks, rank g holds chunks g and 2N-1-g), as
+:func:`ringattn.shard` makes it for a 1-D or 2-D mesh.
+
+- ``ring``: K/V blocks travel around the ranks (``ring.py``).
+- ``allgather``: K/V are gathered once; each rank attends its query chunks to the prefix
+  they may see in a few large kernel calls; dK/dV are reduce-scattered back.
+- ``ulysses``: an all-to-all turns sequence shards into head shards (H/N heads over the
+  whole sequence), attention runs locally, and a second all-to-all turns them back.
+- ``hybrid``: on a 2-D mesh, Ulysses over the inner dimension and a ring over the outer one
+  (as in USP). Gathered over the inner group, the chunks sorted by position form exactly
+  the outer ring's shard of the same layout, so the ring runs unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import comm
+from .api import checked_call, ring_attention
+from .comm import SequenceMesh, resolve_mesh
+from .kernels import Kernel, accumulation_dtype, select_kernel
+from .layout import chunk_ids
+from .merge import merge_into
+
+__all__ = ["STRATEGIES", "attention"]
+
+STRATEGIES: tuple[str, ...] = ("auto", "ring", "allgather", "ulysses", "hybrid")
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def _to_pieces(x: Tensor, pieces: int) -> Tensor:
+    """``[B, H, S, D]`` -> ``[pieces, B, H, S / pieces, D]`` (a copy)."""
+    b, h, s, d = x.shape
+    return x.reshape(b, h, pieces, s // pieces, d).permute(2, 0, 1, 3, 4).contiguous()
+
+
+def _from_pieces(p: Tensor) -> Tensor:
+    """``[pieces, B, H, C, D]`` -> ``[B, H, pieces * C, D]``."""
+    n, b, h, c, d = p.shape
+    return p.permute(1, 2, 0, 3, 4).reshape(b, h, n * c, d)
+
+
+@functools.lru_cache(maxsize=64)
+def _piece_ids(first_rank: int, ranks: int, world: int, layout: str) -> tuple[int, ...]:
+    """Global chunk ids of ranks first_rank.. first_rank+ranks-1, in their local orders."""
+    return tuple(
+        c for r in range(first_rank, first_rank + ranks) for c in chunk_ids(r, world, layout)
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _sort_orders(ids: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Index tensors that sort pieces with these chunk ids by position, and back."""
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    back = [0] * len(ids)
+    for i, j in enumerate(order):
+        back[j] = i
+    return (
+        torch.tensor(order, device=device),
+        torch.tensor(back, device=device),
+    )
+
+
+def _pieces_by_position(p: Tensor, ids: tuple[int, ...]) -> Tensor:
+    return p.index_select(0, _sort_orders(ids, p.device)[0])
+
+
+def _pieces_by_rank(p: Tensor, ids: tuple[int, ...]) -> Tensor:
+    return p.index_select(0, _sort_orders(ids, p.device)[1])
+
+
+# --------------------------------------------------------------------------- ulysses
+
+
+@dataclass(frozen=True)
+class _HeadExchange:
+    """The all-to-all of one inner group: sequence shards <-> head shards."""
+
+    group: dist.ProcessGroup
+    size: int
+    ids: tuple[int, ...]  # chunk ids of the group's ranks, in rank then local order
+
+    def to_heads(self, x: Tensor) -> Tensor:
+        """``[B, H, S_local, D]`` -> ``[B, H / n, S_local * n, D]``, chunks in position order."""
+        b, h, s, d = x.shape
+        n = self.size
+        send = x.reshape(b, n, h // n, s, d).transpose(0, 1).contiguous()
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)  # [source, B, H/n, S_local, D]
+        per_rank = len(self.ids) // n
+        pieces = recv.reshape(n, b, h // n, per_rank, s // per_rank, d)
+        pieces = pieces.permute(0, 3, 1, 2, 4, 5).reshape(n * per_rank, b, h // n, -1, d)
+        return _from_pieces(_pieces_by_position(pieces, self.ids))
+
+    def to_sequence(self, y: Tensor) -> Tensor:
+        """The inverse of :meth:`to_heads`."""
+        b, hn, s_all, d = y.shape
+        n, per_rank = self.size, len(self.ids) // self.size
+        pieces = _pieces_by_rank(_to_pieces(y, n * per_rank), self.ids)
+        c = s_all // (n * per_rank)
+        send = pieces.reshape(n, per_rank, b, hn, c, d).permute(0, 2, 3, 1, 4, 5).contiguous()
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)  # [head group, B, H/n, S_l, D]
+        recv = recv.reshape(n, b, hn, per_rank * c, d)
+        return recv.transpose(0, 1).reshape(b, n * hn, per_rank * c, d)
+
+
+class _ToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, exchange: _HeadExchange) -> Tensor:  # type: ignore[override]
+        ctx.exchange = exchange
+        return exchange.to_heads(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        return ctx.exchange.to_sequence(grad.contiguous()), None
+
+
+class _ToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, y: Tensor, exchange: _HeadExchange) -> Tensor:  # type: ignore[override]
+        ctx.exchange = exchange
+        return exchange.to_sequence(y)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        return ctx.exchange.to_heads(grad.contiguous()), None
+
+
+class _LocalAttention(torch.autograd.Function):
+    """One kernel call on the whole (local) sequence, forward and backward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, q: Tensor, k: Tensor, v: Tensor, kernel: Kernel, causal: bool, scale: float
+    ):  # type: ignore[override]
+        out, lse, aux = kernel.forward(q, k, v, causal=causal, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.aux, ctx.kernel, ctx.causal, ctx.scale = aux, kernel, causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.kernel.backward(
+            dout.contiguous(), q, k, v, out, lse, ctx.aux, causal=ctx.causal, scale=ctx.scale
+        )
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def kv_heads_for_ulysses(heads: int, kv_heads: int, size: int) -> int:
+    """K/V heads after replicating them so that ``size`` ranks can split them (GQA).
+
+    Raises ValueError when ``heads`` itself does not split over ``size`` ranks.
+    """
+    if heads % size:
+        raise ValueError(
+            f"strategy 'ulysses' splits heads over {size} ranks: q has {heads} heads, not a "
+            f"multiple of {size}; use strategy='ring' or 'allgather', or a mesh whose "
+            "Ulysses dimension divides the heads"
+        )
+    if kv_heads % size == 0:
+        return kv_heads
+    # Each K/V head repeated so that the count is a multiple of size and still divides heads.
+    return kv_heads * size // _gcd(kv_heads, size)
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+def _ulysses(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    sm: SequenceMesh,
+    inner: dist.ProcessGroup,
+    inner_size: int,
+    outer: dist.ProcessGroup | None,
+    causal: bool,
+    scale: float | None,
+    layout: str,
+    backend: str,
+) -> Tensor:
+    """Ulysses over ``inner``, then the ring over ``outer`` (None: local attention)."""
+    first = (sm.rank // inner_size) * inner_size
+    exchange = _HeadExchange(inner, inner_size, _piece_ids(first, inner_size, sm.size, layout))
+    kv_heads = kv_heads_for_ulysses(q.size(1), k.size(1), inner_size)
+    if kv_heads != k.size(1):
+        repeat = kv_heads // k.size(1)
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    qh, kh, vh = (_ToHeads.apply(x, exchange) for x in (q, k, v))
+    if outer is None:
+        kernel = select_kernel(backend, qh, kh, vh, causal)
+        scale_value = scale if scale is not None else q.size(-1) ** -0.5
+        out = _LocalAttention.apply(qh, kh, vh, kernel, causal, scale_value)
+    else:
+        out = ring_attention(
+            qh, kh, vh, outer, causal=causal, scale=scale, layout=layout, backend=backend
+        )
+    return _ToSequence.apply(out, exchange)
+
+
+# --------------------------------------------------------------------------- allgather
+
+
+def _query_blocks(ids: Sequence[int], causal: bool, chunk: int) -> list[tuple[int, int, int, bool]]:
+    """(query chunk index, key start, key end, causal) per kernel call of the allgather."""
+    if not causal:
+        return [(-1, 0, -1, False)]  # every local query against every key
+    blocks = []
+    for i, cid in enumerate(ids):
+        blocks.append((i, cid * chunk, (cid + 1) * chunk, True))  # the diagonal
+        if cid:
+            blocks.append((i, 0, cid * chunk, False))  # the prefix, whole
+    return blocks
+
+
+class _AllGatherAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        group: dist.ProcessGroup,
+        ids: tuple[int, ...],
+        local_ids: tuple[int, ...],
+        kernel: Kernel,
+        causal: bool,
+        scale: float,
+    ):  # type: ignore[override]
+        world = comm.group_facts(group)[1]
+        per_rank = len(local_ids)
+        chunk = q.size(2) // per_rank
+        kv = torch.stack((k, v)).contiguous()  # one gather for both
+        gathered = torch.empty((world, *kv.shape), dtype=kv.dtype, device=kv.device)
+        comm.all_gather_into(gathered, kv, group)
+        b, h, _, d = k.shape
+        pieces = gathered.reshape(world, 2, b, h, per_rank, chunk, d).permute(0, 4, 1, 2, 3, 5, 6)
+        pieces = _pieces_by_position(pieces.reshape(world * per_rank, 2, b, h, chunk, d), ids)
+        full = pieces.permute(1, 2, 3, 0, 4, 5).reshape(2, b, h, world * per_rank * chunk, d)
+        k_full, v_full = full[0], full[1]
+        outs, lses, auxes = [], [], []
+        blocks = _query_blocks(local_ids, causal, chunk)
+        q_chunks = q.split(chunk, dim=2) if causal else (q,)
+        for qi, start, end, block_causal in blocks:
+            qb = q_chunks[qi] if qi >= 0 else q
+            end = end if end >= 0 else k_full.size(2)
+            out, lse, aux = kernel.forward(
+                qb,
+                k_full[:, :, start:end],
+                v_full[:, :, start:end],
+                causal=block_causal,
+                scale=scale,
+            )
+            auxes.append(aux)
+            if block_causal or not causal:
+                outs.append(out)
+                lses.append(lse)
+            else:  # the prefix of the query chunk just added: merge it in
+                merge_into(outs[-1], lses[-1], out, lse)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=2)
+        ctx.save_for_backward(q, k_full, v_full, out, lse)
+        ctx.meta = (group, ids, blocks, auxes, kernel, scale, chunk, k.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor):  # type: ignore[override]
+        q, k_full, v_full, out, lse = ctx.saved_tensors
+        group, ids, blocks, auxes, kernel, scale, chunk, dtype = ctx.meta
+        dout = dout.contiguous()
+        wide = accumulation_dtype(dtype)
+        dkv = torch.zeros((2, *k_full.shape), dtype=wide, device=k_full.device)
+        dq = torch.zeros_like(q, dtype=wide)
+        for (qi, start, end, block_causal), aux in zip(blocks, auxes):
+            end = end if end >= 0 else k_full.size(2)
+            rows = slice(qi * chunk, (qi + 1) * chunk) if qi >= 0 else slice(None)
+            dqb, dkb, dvb = kernel.backward(
+                dout[:, :, rows],
+                q[:, :, rows],
+                k_full[:, :, start:end],
+                v_full[:, :, start:end],
+                out[:, :, rows],
+                lse[:, :, rows],
+                aux,
+                causal=block_causal,
+                scale=scale,
+            )
+            dq[:, :, rows] += dqb
+            dkv[0, :, :, start:end] += dkb
+            dkv[1, :, :, start:end] += dvb
+        world = comm.group_facts(group)[1]
+        per_rank = len(ids) // world
+        b, h, _, d = k_full.shape
+        # [2, B, H, S, D] -> pieces in rank order -> [world, 2, B, H, S_local, D]
+        pieces = dkv.reshape(2, b, h, world * per_rank, chunk, d).permute(3, 0, 1, 2, 4, 5)
+        pieces = _pieces_by_rank(pieces.contiguous(), ids)
+        send = pieces.reshape(world, per_rank, 2, b, h, chunk, d).permute(0, 2, 3, 4, 1, 5, 6)
+        send = send.reshape(world, 2, b, h, per_rank * chunk, d).contiguous()
+        mine = torch.empty(send.shape[1:], dtype=wide, device=send.device)
+        comm.reduce_scatter_into(mine, send, group)
+        return dq.to(q.dtype), mine[0].to(dtype), mine[1].to(dtype), *([None] * 6)
+
+
+def _allgather(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    sm: SequenceMesh,
+    kernel: Kernel,
+    causal: bool,
+    scale: float,
+    layout: str,
+) -> Tensor:
+    ids = _piece_ids(0, sm.size, sm.size, layout)
+    local_ids = chunk_ids(sm.rank, sm.size, layout)
+    return _AllGatherAttention.apply(
+        q, k.contiguous(), v.contiguous(), sm.flat, ids, local_ids, kernel, causal, scale
+    )
+
+
+# --------------------------------------------------------------------------- entry
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mesh: object = None,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    strategy: str = "auto",
+    layout: str = "zigzag",
+    backend: str = "auto",
+) -> Tensor:
+    """Exact attention over a sequence sharded across ``mesh``, by any strategy.
+
+    Each rank passes its shard (as :func:`ringattn.shard` makes it for ``mesh``) and gets
+    back the matching shard of attention over the whole sequence. Differentiable.
+
+    Args:
+        q: this rank's queries ``[B, H, S_local, D]``.
+        k, v: this rank's keys and values ``[B, H_kv, S_local, D]``, ``H % H_kv == 0``.
+        mesh: None (the world), a ProcessGroup, or a 1-D or 2-D DeviceMesh. On a 2-D mesh
+            the sequence is split over all its ranks in row-major order.
+        causal: apply the causal mask over global positions.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        strategy: ``"ring"``, ``"allgather"`` (gather K/V once: fewest rounds, O(S) K/V
+            memory), ``"ulysses"`` (all-to-all to head shards; heads must split over the
+            ranks, K/V heads are replicated where they do not), ``"hybrid"`` (2-D mesh:
+            Ulysses over dimension 1, the ring over dimension 0), or ``"auto"`` (the
+            planner's choice for these shapes, see :func:`ringattn.planner.plan`).
+        layout: ``"zigzag"`` or ``"contiguous"``, as for :func:`ringattn.shard`.
+        backend: the attention kernel, as for :func:`ringattn.ring_attention`.
+
+    Raises:
+        ValueError, TypeError: bad arguments, on every rank, before any data moves.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    sm = resolve_mesh(mesh)
+    call = checked_call(sm.flat, q, k, v, causal, scale, layout, backend)
+    if strategy == "auto":
+        from .planner import choose_strategy
+
+        strategy = choose_strategy(q, k, sm, causal, call.kernel.name)
+    if strategy == "hybrid" and sm.inner is None:
+        raise ValueError(
+            "strategy 'hybrid' needs a 2-D mesh (Ulysses over dimension 1, ring over "
+            "dimension 0); got a 1-D group"
+        )
+    if sm.size == 1 or strategy == "ring":
+        return ring_attention(
+            q, k, v, sm.flat, causal=causal, scale=scale, layout=layout, backend=backend
+        )
+    if strategy == "allgather":
+        return _allgather(q, k, v, sm, call.kernel, causal, call.scale, layout)
+    if strategy == "ulysses":
+        return _ulysses(q, k, v, sm, sm.flat, sm.size, None, causal, scale, layout, backend)
+    assert sm.inner is not None
+    outer = sm.outer if sm.outer_size > 1 else None
+    return _ulysses(q, k, v, sm, sm.inner, sm.inner_size, outer, causal, scale, layout, backend)

@@ -1,0 +1,43 @@
+"""ringattn.attention: every strategy against float64 attention on 2, 3, 4 and 2x2 ranks."""
+
+from __future__ import annotations
+
+import pytest
+
+from distributed import run_ranks
+from strategy_cases import run_strategies, run_strategy_errors, strategy_cases
+
+# Tolerances: float64 differs from the reference by summation order only; float32 and
+# bfloat16 by their rounding (bfloat16 has 8 bits of mantissa: 2^-8 = 3.9e-3 per rounding).
+TOL = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 5e-2}
+
+MESHES = [(2, (2,)), (3, (3,)), (4, (4,)), (4, (2, 2))]
+
+
+@pytest.mark.parametrize(("world", "mesh_shape"), MESHES, ids=["2", "3", "4", "2x2"])
+def test_every_strategy_matches_float64_attention(world: int, mesh_shape: tuple) -> None:
+    cases = strategy_cases(world, len(mesh_shape) == 2)
+    results = run_ranks(run_strategies, world, mesh_shape, cases)
+    strategies = {c["strategy"] for c in cases}
+    assert strategies == {"ring", "allgather", "ulysses"} | (
+        {"hybrid"} if len(mesh_shape) == 2 else set()
+    )
+    for rank, found in enumerate(results):
+        assert set(found) == {c["id"] for c in cases}
+        for case in cases:
+            tol = TOL[case.get("dtype", "float64")]
+            for field, err in found[case["id"]].items():
+                assert err <= tol, f"rank {rank} {case['id']} {field}: {err:.2e}"
+
+
+def test_strategy_errors_raise_on_every_rank() -> None:
+    expected = {
+        "unknown": ("ValueError", "strategy must be one of"),
+        "hybrid_1d": ("ValueError", "needs a 2-D mesh"),
+        "ulysses_heads": ("ValueError", "q has 5 heads, not a multiple of 2"),
+        "one_rank_bad_shape": ("ValueError", "local queries"),
+    }
+    for found in run_ranks(run_strategy_errors, 2):
+        for name, (exc_type, text) in expected.items():
+            assert found[name][0] == exc_type and text in found[name][1], found[name]
+        assert found["after"] == (1, 4, 4, 8)
