@@ -7,7 +7,9 @@ Every method runs in the same launch, on the same ranks, on the same inputs:
 - ``torch-cp-allgather`` / ``torch-cp-alltoall``: PyTorch's experimental
   ``context_parallel`` with either K/V rotation (load balancing on for causal attention, off
   otherwise, as it requires);
-- ``ringattn-zigzag`` / ``ringattn-contiguous``: :func:`ringattn.ring_attention`.
+- ``ringattn-zigzag`` / ``ringattn-contiguous``: :func:`ringattn.ring_attention`;
+  ``ringattn-allgather`` / ``-ulysses`` / ``-hybrid`` / ``-auto``: :func:`ringattn.attention`
+  with that strategy.
 
 Times are medians over samples; each sample times enough back-to-back iterations (device
 events on CUDA) to last ``min_sample_ms``, after a barrier, and counts the slowest rank.
@@ -48,7 +50,10 @@ METHODS: tuple[str, ...] = (
     "ringattn-zigzag",
     "ringattn-contiguous",
 )
-# Also available: "ringattn-zigzag-graphs" (ringattn.set_cuda_graphs(True); CUDA only).
+# Also available: "ringattn-zigzag-graphs" (ringattn.set_cuda_graphs(True); CUDA only), and
+# ringattn.attention's other strategies: "ringattn-allgather", "ringattn-ulysses",
+# "ringattn-hybrid" (on an N/2 x 2 mesh) and "ringattn-auto" (the planner's pick).
+STRATEGY_METHODS = ("allgather", "ulysses", "hybrid", "auto")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 MODES = ("fwd", "fwd+bwd")
 
@@ -313,6 +318,40 @@ def _one_gpu(case: BenchCase, device: torch.device, seed: int, mesh: Any) -> Ite
     yield _attention_step(attend, q, k, v, dout, case.mode == "fwd+bwd"), _nbytes(q, k, v, dout)
 
 
+_STRATEGY_MESHES: dict[tuple[str, int], Any] = {}
+
+
+def _strategy_mesh(device: torch.device, strategy: str) -> Any:
+    """None (the world) for 1-D strategies; a 2-D mesh (N/2 x 2) for the hybrid."""
+    if strategy != "hybrid":
+        return None
+    world = dist.get_world_size()
+    key = (device.type, world)
+    if key not in _STRATEGY_MESHES:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        _STRATEGY_MESHES[key] = init_device_mesh(device.type, (world // 2, 2))
+    return _STRATEGY_MESHES[key]
+
+
+@contextlib.contextmanager
+def _strategy(
+    case: BenchCase, device: torch.device, seed: int, mesh: Any, strategy: str
+) -> Iterator[tuple]:
+    import ringattn
+
+    mesh = _strategy_mesh(device, strategy)
+    shards = [ringattn.shard(x, mesh).contiguous() for x in _inputs(case, device, seed)]
+    q, k, v, dout = shards
+
+    def attend(q, k, v):
+        return ringattn.attention(
+            q, k, v, mesh, causal=case.causal, strategy=strategy, backend=case.backend
+        )
+
+    yield _attention_step(attend, q, k, v, dout, case.mode == "fwd+bwd"), _nbytes(*shards)
+
+
 @contextlib.contextmanager
 def _ringattn(
     case: BenchCase, device: torch.device, seed: int, mesh: Any, layout: str
@@ -375,6 +414,9 @@ def _torch_cp(
 def _method(name: str) -> Callable[..., contextlib.AbstractContextManager]:
     if name == "one-gpu":
         return _one_gpu
+    if name.removeprefix("ringattn-") in STRATEGY_METHODS:
+        strategy = name.removeprefix("ringattn-")
+        return lambda case, device, seed, mesh: _strategy(case, device, seed, mesh, strategy)
     if name.startswith("ringattn-"):
         layout = name.removeprefix("ringattn-")
         return lambda case, device, seed, mesh: _ringattn(case, device, seed, mesh, layout)

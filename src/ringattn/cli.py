@@ -1,4 +1,4 @@
-"""The ``ringattn`` command line: ``ringattn demo`` and ``ringattn bench``."""
+"""The ``ringattn`` command line: ``demo``, ``bench``, ``plan`` and ``calibrate``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+from . import plan_cli
 from .demo import DemoResult, default_config, result_record, run_demo
 from .kernels import BACKENDS
 from .layout import LAYOUTS
@@ -346,11 +347,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
     _bench_parser(sub)
+    plan_cli.add_parsers(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _run_demo(args)
     if args.command == "bench":
         return _run_bench(args)
+    if args.command == "plan":
+        return plan_cli.run_plan(args)
+    if args.command == "calibrate":
+        return plan_cli.run_calibrate(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

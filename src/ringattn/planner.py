@@ -1,5 +1,342 @@
-"""Placeholder, replaced below."""
+"""Predicting each strategy's time and memory per attention layer, and picking the fastest.
+
+The cost model, per rank, forward plus backward of one attention layer:
+
+- Kernel time: attention FLOPs (the two matmuls forward, backward 2.5x forward) at the
+  throughput one GPU reaches on a call of that size. The calibration holds that throughput
+  per backend and mask as points (work per call, TFLOP/s), measured with SDPA on one GPU;
+  between points it is interpolated in log-log, beyond them it is held.
+- Communication: bytes over the link's bandwidth (GB/s per GPU, intra- or inter-node), plus
+  a latency per message. The ring overlaps each step's transfer with the previous step's
+  compute, so only the excess shows; all-gather, reduce-scatter and all-to-all are exposed.
+- Ulysses and hybrid also copy their tensors to and from the head-sharded layout (device
+  memory bandwidth); every strategy pays a host time per call that bounds short sequences.
+- Memory: inputs, outputs and gradients of this rank plus each strategy's own buffers.
+
+``ringattn calibrate`` measures the constants on the current machine; ``ringattn plan``
+prints the predictions for any cluster shape.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Calibration",
+    "PlanRow",
+    "Problem",
+    "choose_strategy",
+    "default_calibration_path",
+    "load_calibration",
+    "plan",
+]
+
+_BACKWARD_SHARE = 2.5 / 3.5  # of forward+backward attention FLOPs
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
 
-def choose_strategy(q, k, sm, causal, backend):  # noqa: ANN001, ANN201
-    return "ring"
+@dataclass
+class Calibration:
+    """Machine constants of the cost model (see the module docstring)."""
+
+    device: str
+    # backend -> "causal" | "full" -> [[work per call (B*H*Sq*Sk*D), TFLOP/s fwd+bwd], ...]
+    attention: dict[str, dict[str, list[list[float]]]]
+    p2p_gbs_intra: float  # send/recv GB/s each way between two GPUs of a node
+    p2p_gbs_inter: float  # the same across nodes (per GPU)
+    collective_gbs_intra: float  # all-gather / reduce-scatter / all-to-all bus GB/s per GPU
+    collective_gbs_inter: float
+    memory_gbs: float  # device memory bandwidth for layout copies
+    latency_us: float  # per message or collective
+    host_us_per_step: float  # host time per ring step (forward + backward)
+    host_us_per_call: float  # host time of any strategy's call (forward + backward)
+    memory_gib: float  # device memory
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    def tflops(self, backend: str, causal: bool, work: float) -> float:
+        """Interpolated fwd+bwd TFLOP/s of one kernel call of ``work`` = B*H*Sq*Sk*D."""
+        curves = self.attention.get(backend) or next(iter(self.attention.values()))
+        points = sorted(curves["causal" if causal else "full"])
+        if work <= points[0][0]:
+            return points[0][1]
+        for (w0, r0), (w1, r1) in zip(points, points[1:]):
+            if work <= w1:
+                t = (math.log(work) - math.log(w0)) / (math.log(w1) - math.log(w0))
+                return math.exp(math.log(r0) + t * (math.log(r1) - math.log(r0)))
+        return points[-1][1]
+
+
+def default_calibration_path() -> Path:
+    """Where ``ringattn calibrate`` writes and the planner looks first (``RINGATTN_CALIBRATION``
+    overrides it)."""
+    env = os.environ.get("RINGATTN_CALIBRATION")
+    if env:
+        return Path(env)
+    return (
+        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        / "ringattn"
+        / "calibration.json"
+    )
+
+
+def load_calibration(path: str | Path | None = None, device_type: str = "cuda") -> Calibration:
+    """The calibration at ``path``, else the user's (see :func:`default_calibration_path`),
+    else the one shipped for ``device_type`` (2x H200 for CUDA, a small CPU for CPU)."""
+    candidates = [Path(path)] if path is not None else [default_calibration_path()]
+    for candidate in candidates:
+        if candidate.is_file():
+            return _parse(json.loads(candidate.read_text()), str(candidate))
+    if path is not None:
+        raise ValueError(f"calibration file {path} does not exist")
+    name = "cpu.json" if device_type == "cpu" else "h200.json"
+    text = resources.files("ringattn").joinpath("calibration", name).read_text()
+    return _parse(json.loads(text), name)
+
+
+def _parse(data: dict, where: str) -> Calibration:
+    try:
+        return Calibration(**data)
+    except TypeError as err:
+        raise ValueError(f"calibration {where}: {err}") from None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One attention layer on a cluster: sizes of the whole sequence and the GPUs."""
+
+    gpus: int
+    seq_len: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool = True
+    batch: int = 1
+    gpus_per_node: int = 8
+    backend: str = "cudnn"
+    dtype: str = "bfloat16"
+    inner: int | None = None  # hybrid: the Ulysses dimension, when the mesh fixes it
+
+    def check(self) -> None:
+        """ValueError naming the field that cannot describe a layer on a cluster."""
+        for name in ("gpus", "seq_len", "heads", "kv_heads", "head_dim", "batch", "gpus_per_node"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.heads % self.kv_heads:
+            raise ValueError(
+                f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})"
+            )
+        if self.dtype not in _DTYPE_BYTES:
+            raise ValueError(f"dtype must be one of {tuple(_DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.seq_len % (2 * self.gpus):
+            raise ValueError(
+                f"seq_len ({self.seq_len}) must be a multiple of 2 x gpus ({2 * self.gpus}) "
+                "for the zigzag layout"
+            )
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """One strategy's prediction for a :class:`Problem`."""
+
+    strategy: str  # "ring", "allgather", "ulysses", or "hybrid NoxNi"
+    compute_ms: float
+    exposed_comm_ms: float
+    other_ms: float  # layout copies and host time beyond the GPU's
+    total_ms: float
+    memory_gib: float
+    fits: bool
+    note: str = ""
+
+
+def _kernel_ms(
+    cal: Calibration, p: Problem, heads: int, sq: float, sk: float, causal: bool
+) -> float:
+    flops = 4.0 * p.batch * heads * sq * sk * p.head_dim * (0.5 if causal else 1.0) * 3.5
+    work = p.batch * heads * sq * sk * p.head_dim
+    return flops / (cal.tflops(p.backend, causal, work) * 1e12) * 1e3
+
+
+def _link(cal: Calibration, p: Problem, span: int, p2p: bool) -> float:
+    """GB/s per GPU for a group of ``span`` consecutive GPUs."""
+    intra = span <= p.gpus_per_node
+    if p2p:
+        return cal.p2p_gbs_intra if intra else cal.p2p_gbs_inter
+    return cal.collective_gbs_intra if intra else cal.collective_gbs_inter
+
+
+def _ring_ms(
+    cal: Calibration, p: Problem, n: int, heads: int, kv_heads: int, local: float, span: int
+) -> tuple[float, float, float]:
+    """(compute, exposed communication, steps) of a zigzag ring of ``n`` ranks."""
+    b = _DTYPE_BYTES[p.dtype]
+    if p.causal:
+        steps = [_kernel_ms(cal, p, heads, local, local, True)]
+        steps += [_kernel_ms(cal, p, heads, local / 2, local, False)] * (n - 1)
+    else:
+        steps = [_kernel_ms(cal, p, heads, local, local, False)] * n
+    kv_bytes = 2 * p.batch * kv_heads * local * p.head_dim * b
+    grad_bytes = kv_bytes if n == 2 else kv_bytes * 4 / b  # float32 dK/dV messages beyond 2
+    if n == 2 and p.causal:
+        grad_bytes /= 2  # only the half of the block its plan touched
+    gbs = _link(cal, p, span, p2p=True)
+    lat = cal.latency_us * 1e-3
+    comm_f = kv_bytes / (gbs * 1e9) * 1e3 + lat
+    comm_b = (kv_bytes + grad_bytes) / (gbs * 1e9) * 1e3 + lat
+    exposed = 0.0
+    for i in range(1, n):
+        exposed += max(0.0, comm_f - steps[i - 1] * (1 - _BACKWARD_SHARE))
+        exposed += max(0.0, comm_b - steps[i - 1] * _BACKWARD_SHARE)
+    if n > 1:
+        exposed += comm_b  # the last dK/dV trip overlaps the local block only partly
+        exposed -= min(comm_b, steps[0] * _BACKWARD_SHARE)
+    return sum(steps), exposed, n
+
+
+def _row(
+    strategy: str,
+    compute: float,
+    comm: float,
+    copies: float,
+    host: float,
+    mem: float,
+    cal: Calibration,
+    note: str = "",
+) -> PlanRow:
+    gpu = compute + comm + copies
+    total = max(gpu, host)
+    return PlanRow(
+        strategy,
+        round(compute, 4),
+        round(comm, 4),
+        round(copies + max(0.0, host - gpu), 4),
+        round(total, 4),
+        round(mem / 2**30, 3),
+        mem / 2**30 <= cal.memory_gib,
+        note,
+    )
+
+
+def _local_memory(p: Problem, local: float, heads: int, kv_heads: int) -> float:
+    """q, k, v, out, their gradients and dout of one rank, and the float32 lse."""
+    b = _DTYPE_BYTES[p.dtype]
+    per_token = p.batch * p.head_dim * b
+    return local * per_token * (3 * heads + 4 * kv_heads) + local * p.batch * heads * 4
+
+
+def plan(problem: Problem, calibration: Calibration | None = None) -> list[PlanRow]:
+    """Every strategy's prediction for ``problem``, fastest first (those that fit first)."""
+    p, cal = problem, calibration or load_calibration()
+    p.check()
+    n, b = p.gpus, _DTYPE_BYTES[p.dtype]
+    local = p.seq_len / n
+    base_mem = _local_memory(p, local, p.heads, p.kv_heads)
+    kv_local = 2 * p.batch * p.kv_heads * local * p.head_dim * b
+    host_call = cal.host_us_per_call * 1e-3
+    rows = []
+
+    compute, comm, steps = _ring_ms(cal, p, n, p.heads, p.kv_heads, local, n)
+    ring_mem = base_mem + 3 * kv_local + (2 * kv_local * 4 / b if n > 2 else kv_local)
+    host = host_call + steps * cal.host_us_per_step * 1e-3
+    rows.append(_row("ring", compute, comm, 0.0, host, ring_mem, cal))
+
+    if n > 1:
+        half = local / 2
+        if p.causal:  # two query chunks: diagonal plus the prefix before each
+            first, second = 0, 2 * n - 1  # the extremes; every rank does the same work
+            compute = 2 * _kernel_ms(cal, p, p.heads, half, half, True)
+            compute += _kernel_ms(cal, p, p.heads, half, max(first, 1) * half, False) * (first > 0)
+            compute += _kernel_ms(cal, p, p.heads, half, second * half, False)
+            compute *= (2 * n - 1) / (2 * n - 1 + (first > 0))  # average over ranks
+        else:
+            compute = _kernel_ms(cal, p, p.heads, local, p.seq_len, False)
+        gbs = _link(cal, p, n, p2p=False)
+        gather = kv_local * (n - 1) / (gbs * 1e9) * 1e3
+        scatter = kv_local * (4 / b) * (n - 1) / (gbs * 1e9) * 1e3
+        comm = gather + scatter + 2 * cal.latency_us * 1e-3
+        mem = base_mem + kv_local * n * (1 + 4 / b) + kv_local * n * 4 / b
+        rows.append(_row("allgather", compute, comm, 0.0, host_call, mem, cal))
+
+    for inner in _ulysses_sizes(p):
+        outer = n // inner
+        kv = (
+            p.kv_heads
+            if p.kv_heads % inner == 0
+            else p.kv_heads * inner // math.gcd(p.kv_heads, inner)
+        )
+        heads_here, kv_here = p.heads // inner, kv // inner
+        ring_local = p.seq_len / outer
+        if outer == 1:
+            compute = _kernel_ms(cal, p, heads_here, p.seq_len, p.seq_len, p.causal)
+            ring_comm, ring_steps = 0.0, 0
+        else:
+            compute, ring_comm, ring_steps = _ring_ms(
+                cal, p, outer, heads_here, kv_here, ring_local, n
+            )
+        elements = p.batch * local * p.head_dim * (2 * p.heads + 2 * kv)  # q, k, v, out
+        a2a_bytes = 2 * elements * b * (inner - 1) / inner  # forward and backward alike
+        a2a = a2a_bytes / (_link(cal, p, inner, p2p=False) * 1e9) * 1e3 + 4 * cal.latency_us * 1e-3
+        copies = 4 * elements * b / (cal.memory_gbs * 1e9) * 1e3  # to and from, both passes
+        mem = base_mem + 2 * elements * b
+        if outer > 1:
+            mem += 3 * 2 * p.batch * kv_here * ring_local * p.head_dim * b
+        host = host_call + ring_steps * cal.host_us_per_step * 1e-3
+        name = "ulysses" if outer == 1 and p.inner is None else f"hybrid {outer}x{inner}"
+        note = "" if kv == p.kv_heads else f"K/V heads replicated {p.kv_heads}->{kv}"
+        rows.append(_row(name, compute, ring_comm + a2a, copies, host, mem, cal, note))
+    return sorted(rows, key=lambda r: (not r.fits, r.total_ms))
+
+
+def _ulysses_sizes(p: Problem) -> list[int]:
+    """Ulysses group sizes to consider: divisors of gpus that split the heads."""
+    if p.inner is not None:
+        return [p.inner] if p.heads % p.inner == 0 else []
+    return [d for d in range(2, p.gpus + 1) if p.gpus % d == 0 and p.heads % d == 0]
+
+
+def choose_strategy(q: Any, k: Any, sm: Any, causal: bool, backend: str) -> str:
+    """The strategy ``ringattn.attention(strategy="auto")`` runs for these shards.
+
+    Every rank computes the same answer from shapes every rank agreed on and the same
+    calibration file.
+    """
+    inner = sm.inner_size if sm.inner is not None else None
+    problem = Problem(
+        gpus=sm.size,
+        seq_len=q.size(2) * sm.size,
+        heads=q.size(1),
+        kv_heads=k.size(1),
+        head_dim=q.size(3),
+        causal=causal,
+        batch=q.size(0),
+        gpus_per_node=max(sm.size, 1),
+        backend=backend,
+        dtype=str(q.dtype).removeprefix("torch."),
+    )
+    key = (problem, inner)
+    found = _CHOSEN.get(key)
+    if found is None:
+        rows = plan(problem, load_calibration(device_type=q.device.type))
+        allowed = [r for r in rows if r.strategy in ("ring", "allgather") or _allowed(r, sm, inner)]
+        found = _CHOSEN[key] = (allowed[0].strategy if allowed else "ring").split(" ")[0]
+    return found
+
+
+def _allowed(row: PlanRow, sm: Any, inner: int | None) -> bool:
+    if row.strategy == "ulysses":
+        return True
+    outer_x_inner = row.strategy.removeprefix("hybrid ")
+    return inner is not None and outer_x_inner == f"{sm.size // inner}x{inner}"
+
+
+_CHOSEN: dict[tuple, str] = {}
