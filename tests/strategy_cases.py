@@ -95,6 +95,17 @@ def strategy_cases(world: int, two_d: bool) -> list[dict]:
                     scale=0.2,
                 )
             )
+    for causal in (True, False):  # the planner's pick, whatever it is
+        cases.append(
+            dict(
+                id=f"auto-{'causal' if causal else 'full'}",
+                strategy="auto",
+                causal=causal,
+                heads=heads[1][0],
+                kv_heads=heads[1][1],
+                local=4,
+            )
+        )
     return cases
 
 
@@ -131,3 +142,20 @@ def run_strategy_errors(rank: int, world: int) -> dict:
     out = ringattn.attention(q, k, k, strategy="ulysses", causal=True)
     found["after"] = tuple(out.shape)
     return found
+
+
+def run_shard_roundtrip(rank: int, world: int, mesh_shape: tuple[int, ...]) -> dict:
+    """shard/unshard on a 1-D or 2-D mesh: the row-major zigzag shard, and back."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from ringattn.layout import shard_for_rank
+
+    mesh = init_device_mesh("cpu", mesh_shape)
+    x = torch.arange(2 * 3 * 8 * world * 4, dtype=torch.float64).view(2, 3, 8 * world, 4)
+    local = ringattn.shard(x, mesh)
+    return {
+        "row_major_zigzag": torch.equal(
+            local, shard_for_rank(x, rank, world, dim=2, layout="zigzag")
+        ),
+        "roundtrip": torch.equal(ringattn.unshard(local, mesh), x),
+    }

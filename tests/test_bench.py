@@ -19,25 +19,37 @@ def rows() -> list[dict]:
     )
     plan = BenchPlan(
         cases,
-        methods=("one-gpu", "ringattn-zigzag", "ringattn-contiguous"),
+        methods=(
+            "one-gpu",
+            "ringattn-zigzag",
+            "ringattn-contiguous",
+            "ringattn-allgather",
+            "ringattn-ulysses",
+            "ringattn-hybrid",
+            "ringattn-auto",
+        ),
         warmup=1,
         samples=2,
         min_sample_ms=0.0,
     )
     events = []
     found = run_bench(plan, 2, "cpu", on_event=lambda *e: events.append(e[0]))
-    assert events.count("advance") == 6 and events[0] == "start"
+    assert events.count("advance") == 14 and events[0] == "start"
     return found
 
 
 def test_every_method_of_every_case_is_timed(rows) -> None:
+    methods = [
+        "one-gpu",
+        "ringattn-zigzag",
+        "ringattn-contiguous",
+        "ringattn-allgather",
+        "ringattn-ulysses",
+        "ringattn-hybrid",
+        "ringattn-auto",
+    ]
     assert [(r["seq_len"], r["causal"], r["method"]) for r in rows] == [
-        (512, True, "one-gpu"),
-        (512, True, "ringattn-zigzag"),
-        (512, True, "ringattn-contiguous"),
-        (512, False, "one-gpu"),
-        (512, False, "ringattn-zigzag"),
-        (512, False, "ringattn-contiguous"),
+        (512, causal, m) for causal in (True, False) for m in methods
     ]
     for r in rows:
         assert r["error"] is None and r["ms"] > 0

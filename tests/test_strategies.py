@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from distributed import run_ranks
-from strategy_cases import run_strategies, run_strategy_errors, strategy_cases
+from strategy_cases import (
+    run_shard_roundtrip,
+    run_strategies,
+    run_strategy_errors,
+    strategy_cases,
+)
 
 # Tolerances: float64 differs from the reference by summation order only; float32 and
 # bfloat16 by their rounding (bfloat16 has 8 bits of mantissa: 2^-8 = 3.9e-3 per rounding).
@@ -19,7 +24,7 @@ def test_every_strategy_matches_float64_attention(world: int, mesh_shape: tuple)
     cases = strategy_cases(world, len(mesh_shape) == 2)
     results = run_ranks(run_strategies, world, mesh_shape, cases)
     strategies = {c["strategy"] for c in cases}
-    assert strategies == {"ring", "allgather", "ulysses"} | (
+    assert strategies == {"ring", "allgather", "ulysses", "auto"} | (
         {"hybrid"} if len(mesh_shape) == 2 else set()
     )
     for rank, found in enumerate(results):
@@ -41,3 +46,9 @@ def test_strategy_errors_raise_on_every_rank() -> None:
         for name, (exc_type, text) in expected.items():
             assert found[name][0] == exc_type and text in found[name][1], found[name]
         assert found["after"] == (1, 4, 4, 8)
+
+
+@pytest.mark.parametrize("mesh_shape", [(4,), (2, 2)], ids=["4", "2x2"])
+def test_shard_and_unshard_take_1d_and_2d_meshes(mesh_shape: tuple) -> None:
+    for rank, found in enumerate(run_ranks(run_shard_roundtrip, 4, mesh_shape)):
+        assert found == {"row_major_zigzag": True, "roundtrip": True}, rank

@@ -460,6 +460,11 @@ def _call_key(
     )
 
 
+def checks_are_cached() -> bool:
+    """Whether an agreed call signature skips the checks next time (modes "once", "never")."""
+    return _check_mode != "always"
+
+
 def checked_call(
     group: dist.ProcessGroup,
     q: object,

@@ -119,25 +119,37 @@ def _link_gbs(device: torch.device, group: Any, mib: int) -> dict[str, float]:
 
 
 def _host_us(device: torch.device, group: Any) -> tuple[float, float]:
-    """Host time per call and per ring step, from calls too small for the device to matter."""
+    """Host time per call (allgather, ulysses) and per ring step, from back-to-back calls
+    too small for the device to matter (the host cannot run ahead of them)."""
     import ringattn
 
     world = dist.get_world_size(group)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shape = (1, world, 64, 64)
+    shape = (1, world, 64 * world, 64)
     q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
 
-    def call(strategy: str) -> Callable[[], None]:
+    def per_call_us(strategy: str, reps: int = 30) -> float:
         def step() -> None:
             out = ringattn.attention(q, k, v, group, causal=True, strategy=strategy)
-            out.sum().backward()
+            torch.autograd.grad(out, (q, k, v), out)
 
-        return step
+        for _ in range(3):
+            step()
+        times = []
+        for _ in range(3):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for _ in range(reps):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append((time.perf_counter() - start) / reps * 1e6)
+        return statistics.median(times)
 
-    ring_ms = _timed_ms(call("ring"), device, reps=20)
-    other_ms = _timed_ms(call("ulysses"), device, reps=20)
-    per_step = max(0.0, (ring_ms - other_ms) / max(world, 1)) * 1e3
-    return other_ms * 1e3, per_step
+    ring = per_call_us("ring")
+    others = (per_call_us("allgather") + per_call_us("ulysses")) / 2
+    return others, ring / world
 
 
 def calibrate_worker(

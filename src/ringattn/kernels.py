@@ -261,6 +261,9 @@ def _efficient_forward(q, k, v, causal, scale):
 
 def _efficient_backward(dout, q, k, v, out, lse, aux, causal, scale):
     seed, offset = aux
+    # Its backward reads `out` in the memory layout its forward writes ([B, S, H, D]);
+    # an output assembled in another layout (e.g. concatenated along S) gives wrong dQ/dK.
+    out = out.transpose(1, 2).contiguous().transpose(1, 2)
     pad = (-lse.size(-1)) % _EFFICIENT_LSE_ALIGN
     lse = torch.nn.functional.pad(lse, (0, pad)) if pad else lse.contiguous()
     dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(

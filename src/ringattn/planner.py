@@ -54,8 +54,8 @@ class Calibration:
     collective_gbs_inter: float
     memory_gbs: float  # device memory bandwidth for layout copies
     latency_us: float  # per message or collective
-    host_us_per_step: float  # host time per ring step (forward + backward)
-    host_us_per_call: float  # host time of any strategy's call (forward + backward)
+    host_us_per_step: float  # host time of a ring call per step (forward + backward)
+    host_us_per_call: float  # host time of an allgather or ulysses call (forward + backward)
     memory_gib: float  # device memory
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -247,7 +247,7 @@ def plan(problem: Problem, calibration: Calibration | None = None) -> list[PlanR
 
     compute, comm, steps = _ring_ms(cal, p, n, p.heads, p.kv_heads, local, n)
     ring_mem = base_mem + 3 * kv_local + (2 * kv_local * 4 / b if n > 2 else kv_local)
-    host = host_call + steps * cal.host_us_per_step * 1e-3
+    host = steps * cal.host_us_per_step * 1e-3
     rows.append(_row("ring", compute, comm, 0.0, host, ring_mem, cal))
 
     if n > 1:

@@ -26,11 +26,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import comm
-from .api import checked_call, ring_attention
+from .api import _call_key, checked_call, checks_are_cached, ring_attention
 from .comm import SequenceMesh, resolve_mesh
 from .kernels import Kernel, accumulation_dtype, select_kernel
 from .layout import chunk_ids
 from .merge import merge_into
+from .ring import RingCall
 
 __all__ = ["STRATEGIES", "attention"]
 
@@ -338,6 +339,38 @@ def _allgather(
 # --------------------------------------------------------------------------- entry
 
 
+# Checked calls by signature (as ring_attention keeps them): the mesh, the strategy the
+# planner chose, and the checked call.
+_PLANNED: dict[tuple, tuple[SequenceMesh, str, RingCall]] = {}
+
+
+def _plan_call(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mesh: object,
+    causal: bool,
+    scale: float | None,
+    strategy: str,
+    layout: str,
+    backend: str,
+) -> tuple[SequenceMesh, str, RingCall]:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    sm = resolve_mesh(mesh)
+    call = checked_call(sm.flat, q, k, v, causal, scale, layout, backend)
+    if strategy == "auto":
+        from .planner import choose_strategy
+
+        strategy = choose_strategy(q, k, sm, causal, call.kernel.name)
+    if strategy == "hybrid" and sm.inner is None:
+        raise ValueError(
+            "strategy 'hybrid' needs a 2-D mesh (Ulysses over dimension 1, ring over "
+            "dimension 0); got a 1-D group"
+        )
+    return sm, strategy, call
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -373,19 +406,15 @@ def attention(
     Raises:
         ValueError, TypeError: bad arguments, on every rank, before any data moves.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    sm = resolve_mesh(mesh)
-    call = checked_call(sm.flat, q, k, v, causal, scale, layout, backend)
-    if strategy == "auto":
-        from .planner import choose_strategy
-
-        strategy = choose_strategy(q, k, sm, causal, call.kernel.name)
-    if strategy == "hybrid" and sm.inner is None:
-        raise ValueError(
-            "strategy 'hybrid' needs a 2-D mesh (Ulysses over dimension 1, ring over "
-            "dimension 0); got a 1-D group"
-        )
+    key = _call_key(mesh, q, k, v, causal, scale, layout, backend, False)
+    planned = _PLANNED.get((key, strategy)) if key is not None else None
+    if planned is None:
+        planned = _plan_call(q, k, v, mesh, causal, scale, strategy, layout, backend)
+        if key is not None and checks_are_cached():
+            if len(_PLANNED) >= 256:
+                _PLANNED.clear()
+            _PLANNED[(key, strategy)] = planned
+    sm, strategy, call = planned
     if sm.size == 1 or strategy == "ring":
         return ring_attention(
             q, k, v, sm.flat, causal=causal, scale=scale, layout=layout, backend=backend
