@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .demo import median_wall_ms
 from .planner import Calibration
 
 __all__ = ["calibrate_worker"]
@@ -30,19 +31,7 @@ _HEADS, _KV_HEADS, _HEAD_DIM = 32, 8, 128
 
 
 def _timed_ms(step: Callable[[], None], device: torch.device, reps: int = 5) -> float:
-    """Median ms of ``step`` over ``reps`` runs, after two warm-up runs."""
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return median_wall_ms(step, reps, device, warmup=2)
 
 
 def _sdpa_step(

@@ -143,14 +143,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def _tokens(text: str) -> tuple[int, ...]:
     """``"4K,8K,131072"`` -> ``(4096, 8192, 131072)``."""
-    values = []
-    for item in text.split(","):
-        item = item.strip().upper()
-        if not item:
-            continue
-        scale = {"K": 1024, "M": 1024 * 1024}.get(item[-1:], 1)
-        values.append(int(item[:-1] if scale > 1 else item) * scale)
-    return tuple(values)
+    return tuple(plan_cli.token_count(item) for item in text.split(",") if item.strip())
 
 
 def _names(text: str) -> tuple[str, ...]:

@@ -150,9 +150,12 @@ class _PeakMemory:
 # ----------------------------------------------------------------------------- worker
 
 
-def _timed(fn: Callable[[], None], iters: int, device: torch.device) -> float:
-    """Median wall time in ms of ``fn`` over ``iters`` runs, after one warm-up."""
-    fn()
+def median_wall_ms(
+    fn: Callable[[], None], iters: int, device: torch.device, warmup: int = 1
+) -> float:
+    """Median wall time in ms of ``fn`` over ``iters`` synchronised runs, after ``warmup``."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(iters):
         if device.type == "cuda":
@@ -212,7 +215,7 @@ def _worker(
 
     say("step", "ring", cfg.iters + 1)
     with _PeakMemory(device) as ring_mem:
-        ring_ms = _timed(ring_step, cfg.iters, device)
+        ring_ms = median_wall_ms(ring_step, cfg.iters, device)
     dist.barrier()
     out = ringattn.ring_attention(
         qs.detach(),
@@ -261,7 +264,7 @@ def _one_process(cfg, q, k, v, dout, ring_full, backend_used, ring_ms, ring_mem,
 
     say("step", "one process", cfg.iters + 1)
     with _PeakMemory(device) as mem:
-        one_ms = _timed(one_step, cfg.iters, device)
+        one_ms = median_wall_ms(one_step, cfg.iters, device)
     say("step", "check")
     ring_err = _sampled_reference_error(ring_full["out"], q.detach(), k.detach(), v.detach(), cfg)
     one_err = _sampled_reference_error(result["out"], q.detach(), k.detach(), v.detach(), cfg)

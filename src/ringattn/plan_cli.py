@@ -9,12 +9,12 @@ from typing import Any
 
 from .planner import Calibration, Problem, default_calibration_path, load_calibration, plan
 
-__all__ = ["add_parsers", "run_calibrate", "run_plan"]
+__all__ = ["add_parsers", "run_calibrate", "run_plan", "token_count"]
 
 _MAX_GPUS, _MAX_TOKENS = 4096, 10 * 1024 * 1024
 
 
-def _tokens(text: str) -> int:
+def token_count(text: str) -> int:
     """``"1M"`` -> 1048576, ``"128K"`` -> 131072, ``"5000"`` -> 5000."""
     text = text.strip().upper()
     scale = {"K": 1024, "M": 1024**2}.get(text[-1:], 1)
@@ -35,7 +35,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--gpus", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--seq-len", type=_tokens, required=True, help="tokens, e.g. 1M or 131072")
+    p.add_argument("--seq-len", type=token_count, required=True, help="tokens, e.g. 1M or 131072")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     p.add_argument("--head-dim", type=int, default=128)
@@ -145,7 +145,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         (args.backends or ("cudnn,flash" if cuda else "cpu")).replace(" ", "").split(",")
     )
     default_lens = "1K,2K,4K,8K,16K,32K,64K" if cuda else "256,512,1K,2K"
-    seq_lens = tuple(_tokens(x) for x in (args.seq_lens or default_lens).split(","))
+    seq_lens = tuple(token_count(x) for x in (args.seq_lens or default_lens).split(","))
     link_mib = args.link_mib or (256 if cuda else 16)
     worker_args = (backends, seq_lens, link_mib, args.inter_node_gbs)
 
