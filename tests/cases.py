@@ -237,9 +237,9 @@ def run_error_scenarios(rank: int, world: int, names: list[str]) -> dict:
     shifts = []
     original = comm.Ring.shift
 
-    def counting_shift(self, send, recv):
+    def counting_shift(self, send, recv, **kwargs):
         shifts.append(1)
-        return original(self, send, recv)
+        return original(self, send, recv, **kwargs)
 
     comm.Ring.shift = counting_shift  # type: ignore[method-assign]
     outcomes = {}
@@ -327,7 +327,7 @@ def run_check_modes(rank: int, world: int) -> dict:
         ringattn.ring_attention(q2, k2, k2, causal=True)
         found["never_calls"] = len(calls) - before
     finally:
-        ringattn.set_cross_rank_check("once")
+        ringattn.set_cross_rank_check("always")
         api._agree_across_ranks = original
     return found
 

@@ -20,7 +20,13 @@ COLLECTIVE_TIMEOUT_S = 60
 
 
 def _entry(
-    fn: Callable[..., Any], rank: int, world_size: int, init_file: str, args: tuple, results: Any
+    fn: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    init_file: str,
+    args: tuple,
+    results: Any,
+    collective_timeout_s: float = COLLECTIVE_TIMEOUT_S,
 ) -> None:
     torch.set_num_threads(1)
     try:
@@ -29,7 +35,7 @@ def _entry(
             init_method=f"file://{init_file}",
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+            timeout=datetime.timedelta(seconds=collective_timeout_s),
         )
         try:
             # Bytes, not tensors: shared-memory tensors would die with this process.
@@ -81,3 +87,53 @@ def run_ranks(
     if errors:
         raise AssertionError("\n".join(errors))
     return [collected[r] for r in range(world_size)]
+
+
+def run_ranks_with_faults(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    collective_timeout_s: float,
+    timeout: float = 120,
+) -> list[dict[str, Any]]:
+    """Like :func:`run_ranks` for ranks that may raise or die: never raises itself.
+
+    Returns per rank ``{"ok": result}``, ``{"error": traceback}`` or ``{"exit": exit code}``,
+    with ``"seconds"``: how long after the start the rank ended (as seen from here).
+    """
+    import time
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        procs = [
+            ctx.Process(
+                target=_entry,
+                args=(fn, r, world_size, init_file, args, results, collective_timeout_s),
+            )
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        found: dict[int, dict[str, Any]] = {}
+        while len(found) < world_size and time.monotonic() - start < timeout:
+            try:
+                rank, status, value = results.get(timeout=0.2)
+            except queue.Empty:
+                for r, p in enumerate(procs):
+                    if r not in found and not p.is_alive() and p.exitcode not in (0, None):
+                        found[r] = {"exit": p.exitcode, "seconds": time.monotonic() - start}
+                continue
+            entry = {"seconds": time.monotonic() - start}
+            if status == "ok":
+                entry["ok"] = torch.load(io.BytesIO(value), weights_only=False)
+            else:
+                entry["error"] = value
+            found[rank] = entry
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return [found.get(r, {"hung": True}) for r in range(world_size)]

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import reference
 from .api import ring_attention, set_cross_rank_check, set_cuda_graphs, shard, unshard
+from .comm import RingCommunicationError
 from .kernels import BACKENDS
 from .layout import LAYOUTS
 from .routing import context_parallel, context_parallel_unshard
@@ -16,6 +17,7 @@ __all__ = [
     "AttentionContextParallel",
     "BACKENDS",
     "LAYOUTS",
+    "RingCommunicationError",
     "STRATEGIES",
     "attention",
     "attention_context_parallel",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import struct
 from typing import Literal, overload
 
@@ -235,24 +236,28 @@ def _field_text(field: int, value: int) -> str:
 
 CheckMode = Literal["once", "always", "never"]
 _CHECK_MODES: tuple[str, ...] = ("once", "always", "never")
-_check_mode: str = "once"
+_check_mode: str = "always"
 # Descriptions every rank of a group has agreed on (mode "once"), per group.
 _AGREED: dict[dist.ProcessGroup, set[tuple[int, ...]]] = {}
 _AGREED_LIMIT = 1024
 
 
 def set_cross_rank_check(mode: CheckMode) -> None:
-    """How often :func:`ring_attention` checks that every rank made the same call.
+    """How often :func:`ring_attention` (and :func:`ringattn.attention`) checks that every
+    rank made the same call.
 
-    - ``"once"`` (default): the first time a rank sees a call signature (shapes, dtype,
-      device type, causal, layout, backend, scale) on a group. Repeated calls with a known
-      signature skip the check's collective. When every rank changes shape together (a new
-      batch size or length), every rank checks again. A rank that alone switches to a new
-      signature after the others' signature was agreed cannot be caught before the ring:
-      the others wait in the ring and fail at the process group's timeout.
-    - ``"always"``: every call; costs one small host-side collective per call.
-    - ``"never"``: no check; mismatched ranks hang until the process group's timeout.
+    - ``"always"`` (default): every call. Each rank's own checks are cached per call
+      signature (shapes, dtype, device type, causal, layout, backend, scale); what remains
+      per call is one all-gather of 14 integers on a host-side (Gloo) group, so a rank that
+      alone changes its call raises on every rank instead of hanging.
+    - ``"once"``: only the first time a rank sees a signature on a group, which saves that
+      all-gather on short, host-bound calls. When every rank changes shape together, every
+      rank checks again; a rank that alone switches to a new signature after the others'
+      was agreed cannot be caught before the ring: the others fail at the process group's
+      timeout (:class:`ringattn.RingCommunicationError` on Gloo).
+    - ``"never"``: no check; mismatched ranks fail at the process group's timeout.
 
+    The environment variable ``RINGATTN_CROSS_RANK_CHECK`` sets the mode at import.
     Each rank's own argument checks run in every mode.
     """
     global _check_mode
@@ -261,6 +266,17 @@ def set_cross_rank_check(mode: CheckMode) -> None:
     _check_mode = mode
     _AGREED.clear()
     _PREPARED.clear()
+
+
+def _mode_from_environment() -> None:
+    mode = os.environ.get("RINGATTN_CROSS_RANK_CHECK")
+    if mode:
+        try:
+            set_cross_rank_check(mode)  # type: ignore[arg-type]
+        except ValueError:
+            raise ValueError(
+                f"RINGATTN_CROSS_RANK_CHECK must be one of {_CHECK_MODES}, got {mode!r}"
+            ) from None
 
 
 def _agree_across_ranks(
@@ -280,7 +296,14 @@ def _agree_across_ranks(
     else:
         device = torch.device("cpu")
     local = torch.tensor(mine, dtype=torch.int64, device=device)
-    rows = [row.tolist() for row in comm.all_gather(local, check_group)]
+    try:
+        rows = [row.tolist() for row in comm.all_gather(local, check_group)]
+    except Exception as err:  # noqa: BLE001 - re-raised with what it was for
+        raise comm.RingCommunicationError(
+            "ring_attention: the cross-rank check of this call could not reach every rank "
+            "(a rank raised, died, or is making another call); no rank started the ring. "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
+        ) from err
     rank = dist.get_rank(group)
     if rejected is not None:
         raise rejected.exc_type(f"ring_attention: {rejected.message}")
@@ -417,7 +440,7 @@ def set_cuda_graphs(enabled: bool) -> None:
 
 # Calls already checked (and agreed across ranks), by everything the checks looked at: a
 # repeated call skips straight to the ring. Cleared by set_cross_rank_check.
-_PREPARED: dict[tuple, RingCall] = {}
+_PREPARED: dict[tuple, tuple[RingCall, list[int] | None]] = {}
 _PREPARED_LIMIT = 256
 
 
@@ -460,11 +483,6 @@ def _call_key(
     )
 
 
-def checks_are_cached() -> bool:
-    """Whether an agreed call signature skips the checks next time (modes "once", "never")."""
-    return _check_mode != "always"
-
-
 def checked_call(
     group: dist.ProcessGroup,
     q: object,
@@ -484,14 +502,17 @@ def checked_call(
     """
     if key is True:
         key = _call_key(group, q, k, v, causal, scale, layout, backend, return_lse)
-    call = _PREPARED.get(key) if key is not None else None  # type: ignore[arg-type]
-    if call is None:
-        call = _prepare(group, q, k, v, causal, scale, layout, backend, return_lse)
-        if key is not None and _check_mode != "always":
+    entry = _PREPARED.get(key) if key is not None else None  # type: ignore[arg-type]
+    if entry is None:
+        entry = _prepare(group, q, k, v, causal, scale, layout, backend, return_lse)
+        if key is not None:
             if len(_PREPARED) >= _PREPARED_LIMIT:
                 _PREPARED.clear()
-            _PREPARED[key] = call  # type: ignore[index]
-    return call
+            _PREPARED[key] = entry  # type: ignore[index]
+    elif _check_mode == "always" and entry[1] is not None:
+        # Local checks are cached; the ranks still compare this call's description.
+        _agree_across_ranks(group, q.device if isinstance(q, Tensor) else None, entry[1], None)
+    return entry[0]
 
 
 def _prepare(
@@ -505,7 +526,8 @@ def _prepare(
     backend: object,
     return_lse: object,
 ) -> RingCall:
-    """Check the arguments on this rank and across ranks; the ring call they describe."""
+    """Check the arguments on this rank and across ranks: the ring call they describe, and
+    the description the ranks compared (None on a single rank or with checks off)."""
     rank, world_size, _ = comm.group_facts(group)
     rejected: _Rejected | None = None
     scale_value, kernel = 0.0, None
@@ -515,6 +537,7 @@ def _prepare(
         )
     except _Rejected as err:
         rejected = err
+    description = None
     if world_size > 1 and _check_mode != "never":
         description = _describe(q, k, v, causal, scale_value, layout, backend, rejected)
         agreed = _AGREED.setdefault(group, set())
@@ -528,13 +551,14 @@ def _prepare(
     elif rejected is not None:
         raise rejected.exc_type(f"ring_attention: {rejected.message}")
     assert kernel is not None
-    return RingCall(
+    call = RingCall(
         ring=comm.ring_for(group) if world_size > 1 else None,
         plans=_plans(rank, world_size, causal, layout),  # type: ignore[arg-type]
         kernel=kernel,
         scale=scale_value,
         next_last_plan=_plans((rank + 1) % world_size, world_size, causal, layout)[-1],  # type: ignore[arg-type]
     )
+    return call, description
 
 
 @functools.lru_cache(maxsize=256)
@@ -582,3 +606,6 @@ def unshard(x: Tensor, group: object = None, *, dim: int = 2, layout: str = "zig
             f"x.size({dim}) = {x.size(dim)} must be even: a zigzag shard holds two equal chunks"
         )
     return unshard_shards(comm.all_gather(x.detach(), pg), dim=dim, layout=layout)
+
+
+_mode_from_environment()

@@ -205,15 +205,33 @@ def all_gather(x: Tensor, group: dist.ProcessGroup) -> list[Tensor]:
     return out
 
 
+class RingCommunicationError(RuntimeError):
+    """A ring transfer failed or timed out: another rank raised, died, or never called."""
+
+
 @dataclass
 class PendingShift:
-    """An in-flight ring shift; ``wait()`` makes its received tensors safe to read."""
+    """An in-flight ring shift; ``wait()`` makes its received tensors safe to read.
+
+    ``what`` says which step it is and ``peer`` which rank the transfer is with, for the
+    error raised when it fails (a Gloo transfer fails after the group's timeout; NCCL's
+    watchdog reports its own).
+    """
 
     works: list[dist.Work]
+    what: str = "a ring transfer"
+    peer: str = "a neighbouring rank"
 
     def wait(self) -> None:
-        for work in self.works:
-            work.wait()
+        try:
+            for work in self.works:
+                work.wait()
+        except Exception as err:  # noqa: BLE001 - re-raised with where it happened
+            raise RingCommunicationError(
+                f"ring_attention: {self.what}: the transfer with {self.peer} failed or timed "
+                f"out. Another rank probably raised, died or made a different call; its own "
+                f"error says why. ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+            ) from err
         self.works = []
 
 
@@ -229,9 +247,16 @@ class Ring:
         self._next = dist.get_global_rank(group, self._next_local)
         self._prev = dist.get_global_rank(group, self._prev_local)
         self._coalescing: dict[torch.device, bool] = {}
+        self._next_name = f"rank {self._next_local} of the group (global rank {self._next})"
+        self._prev_name = f"rank {self._prev_local} of the group (global rank {self._prev})"
 
     def shift(
-        self, send: Sequence[Tensor], recv: Sequence[Tensor], *, reverse: bool = False
+        self,
+        send: Sequence[Tensor],
+        recv: Sequence[Tensor],
+        *,
+        reverse: bool = False,
+        what: str = "a ring transfer",
     ) -> PendingShift:
         """Post sends of ``send`` to the next rank and receives into ``recv`` from the previous.
 
@@ -243,6 +268,11 @@ class Ring:
         if not send and not recv:
             return PendingShift([])
         device = (send or recv)[0].device
+        # The rank whose transfer this waits for: the sender when receiving.
+        if recv:
+            peer = self._next_name if reverse else self._prev_name
+        else:
+            peer = self._prev_name if reverse else self._next_name
         if self._coalesces(device):
             # What batch_isend_irecv does for NCCL, minus its per-op Python checks: the
             # group's own send/recv between start and end of one coalesced launch.
@@ -256,11 +286,11 @@ class Ring:
                 self.group.send([t], to, 0)
             for t in recv:
                 self.group.recv([t], source, 0)
-            return PendingShift([self.group._end_coalescing(device)])
+            return PendingShift([self.group._end_coalescing(device)], what, peer)
         to, source = (self._prev, self._next) if reverse else (self._next, self._prev)
         ops = [dist.P2POp(dist.isend, t, to, self.group) for t in send]
         ops += [dist.P2POp(dist.irecv, t, source, self.group) for t in recv]
-        return PendingShift(dist.batch_isend_irecv(ops))
+        return PendingShift(dist.batch_isend_irecv(ops), what, peer)
 
     def _coalesces(self, device: torch.device) -> bool:
         known = self._coalescing.get(device)

@@ -172,7 +172,8 @@ def _kv_blocks(
         if step + 1 < steps:
             assert call.ring is not None
             k_next, v_next = buffers[step % 2]
-            pending = call.ring.shift((k_cur, v_cur), (k_next, v_next))
+            what = f"forward step {step + 1} of {steps - 1} (receiving a K/V block)"
+            pending = call.ring.shift((k_cur, v_cur), (k_next, v_next), what=what)
         yield plan, k_cur, v_cur
         if pending is not None:
             pending.wait()
@@ -240,7 +241,8 @@ def _ring_backward(
         if stage + 1 < n - 1:
             assert ring is not None
             kv_next = kv_buffers[stage % 2]
-            kv_pending = ring.shift(kv_cur, kv_next, reverse=True)
+            what = f"backward stage {stage + 1} of {n} (receiving a K/V block)"
+            kv_pending = ring.shift(kv_cur, kv_next, reverse=True, what=what)
         grads = None
         if plan is not None:
             grads = block_backward(kernel, plan, dout, q, *kv_cur, out, lse, aux, call.scale)
@@ -255,7 +257,8 @@ def _ring_backward(
         msg_in = ()
         if recv_shape is not None:
             msg_in = tuple(torch.empty(recv_shape, dtype=msg_dtype, device=k.device) for _ in "kv")
-        msg_pending = ring.shift(msg_out, msg_in, reverse=True)
+        what = f"backward stage {stage + 1} of {n} (passing dK/dV on)"
+        msg_pending = ring.shift(msg_out, msg_in, reverse=True, what=what)
         if kv_pending is not None:
             kv_pending.wait()
             kv_cur = kv_next

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import comm
-from .api import _call_key, checked_call, checks_are_cached, ring_attention
+from .api import _call_key, checked_call, ring_attention
 from .comm import SequenceMesh, resolve_mesh
 from .kernels import Kernel, accumulation_dtype, select_kernel
 from .layout import chunk_ids
@@ -410,10 +410,13 @@ def attention(
     planned = _PLANNED.get((key, strategy)) if key is not None else None
     if planned is None:
         planned = _plan_call(q, k, v, mesh, causal, scale, strategy, layout, backend)
-        if key is not None and checks_are_cached():
+        if key is not None:
             if len(_PLANNED) >= 256:
                 _PLANNED.clear()
             _PLANNED[(key, strategy)] = planned
+    elif planned[1] != "ring" and planned[0].size > 1:
+        # The cross-rank check of this call (ring_attention makes its own).
+        checked_call(planned[0].flat, q, k, v, causal, scale, layout, backend)
     sm, strategy, call = planned
     if sm.size == 1 or strategy == "ring":
         return ring_attention(
