@@ -52,10 +52,10 @@ def main() -> int:
             local = [ringattn.shard(x) for x in full]
 
             def sdpa(q, k, v, backend=backend, causal=causal):
+                # Expanded K/V heads: not every backend's SDPA takes grouped heads.
+                k, v = (x.repeat_interleave(q.size(1) // x.size(1), dim=1) for x in (k, v))
                 with sdpa_kernel([SDPA[backend]]):
-                    return F.scaled_dot_product_attention(
-                        q, k, v, is_causal=causal, enable_gqa=True
-                    )
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
             methods = {"one GPU SDPA": (sdpa, full)}
             for strategy in ("ring", "allgather", "ulysses"):
