@@ -128,7 +128,8 @@ def _math_scores(q: Tensor, k: Tensor, causal: bool, scale: float) -> tuple[Tens
 
 def _finite_or_zero(lse: Tensor) -> Tensor:
     # Rows that saw no key have lse = -inf; subtracting it would give NaN instead of 0.
-    return lse.masked_fill(torch.isinf(lse), 0.0)
+    # (+inf stays: a row with an infinite score is NaN, as in softmax.)
+    return lse.masked_fill(lse == float("-inf"), 0.0)
 
 
 def _math_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float):
@@ -169,12 +170,24 @@ def _math_reason(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> str | None:
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+def _all_finite(*xs: Tensor) -> bool:
+    return all(bool(torch.isfinite(x).all()) for x in xs)
+
+
 def _cpu_forward(q, k, v, causal, scale):
+    # PyTorch's fused CPU kernel returns a finite row for a query row holding NaN; blocks
+    # with non-finite inputs run the plain ops instead, which propagate them as SDPA's
+    # math path does. The check is one pass over the block's inputs.
+    if not _all_finite(q, k, v):
+        return _math_forward(q, k, v, causal, scale)
     out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
     return out, lse, None
 
 
 def _cpu_backward(dout, q, k, v, out, lse, aux, causal, scale):
+    if not _all_finite(q, k, v):
+        grads = _math_backward(dout, q, k, v, out, lse, aux, causal, scale)
+        return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
     return aten._scaled_dot_product_flash_attention_for_cpu_backward(
         dout, q, k, v, out, lse.contiguous(), 0.0, causal, scale=scale
     )

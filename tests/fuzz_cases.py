@@ -1,0 +1,281 @@
+"""Fuzzing every public entry point against float64 attention (run inside spawned ranks).
+
+Every rank runs the same Hypothesis search (``derandomize=True``: the same examples in the
+same order everywhere, no shrinking), so the ranks stay in step; the test body never raises,
+it records what it found, and the parent asserts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import ringattn
+
+ENTRIES = (
+    "ring_attention",
+    "attention:ring",
+    "attention:allgather",
+    "attention:ulysses",
+    "context_parallel",
+    "attention_context_parallel",
+)
+_SDPA_BACKEND = {"math": SDPBackend.MATH, "cpu": SDPBackend.FLASH_ATTENTION}
+DTYPE_BACKENDS = (("float64", "math"), ("float32", "cpu"), ("float32", "math"), ("bfloat16", "cpu"))
+# Errors are judged against one-process SDPA's own error in the same dtype (on the same
+# rounded inputs): no worse than 1.5x it, or below this floor.
+FLOOR = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 1e-2}
+
+
+@dataclass(frozen=True)
+class FuzzCase:
+    entry: str
+    batch: int
+    kv_heads: int
+    groups: int
+    head_dim: int
+    chunk: int
+    dtype: str
+    backend: str
+    causal: bool
+    layout: str
+    scale: float | None
+    magnitude: float
+    special: str  # "none", "nan_q", "inf_k"
+    seed: int
+
+
+def _case_from(**kw) -> FuzzCase:
+    dtype, backend = kw.pop("dtype_backend")
+    return FuzzCase(dtype=dtype, backend=backend, **kw)
+
+
+def fuzz_strategy() -> st.SearchStrategy[FuzzCase]:
+    return st.builds(
+        _case_from,
+        entry=st.sampled_from(ENTRIES),
+        batch=st.integers(1, 2),
+        kv_heads=st.integers(1, 3),
+        groups=st.integers(1, 3),
+        head_dim=st.sampled_from([4, 8, 16]),
+        chunk=st.integers(1, 3),
+        dtype_backend=st.sampled_from(DTYPE_BACKENDS),
+        causal=st.booleans(),
+        layout=st.sampled_from(["zigzag", "contiguous"]),
+        scale=st.one_of(st.none(), st.floats(0.05, 2.0)),
+        magnitude=st.sampled_from([1.0, 1.0, 100.0]),
+        special=st.sampled_from(["none", "none", "none", "nan_q", "inf_k"]),
+        seed=st.integers(0, 2**16),
+    )
+
+
+def _full_inputs(c: FuzzCase, world: int) -> list[torch.Tensor]:
+    heads = c.kv_heads * c.groups
+    if c.entry == "attention:ulysses" and heads % world:
+        heads = c.kv_heads * c.groups * world  # Ulysses needs heads that split
+    per_rank = 2 if c.layout == "zigzag" else 1
+    total = c.chunk * per_rank * world
+    g = torch.Generator().manual_seed(c.seed)
+    kv = c.kv_heads
+    shapes = [
+        (c.batch, heads, total, c.head_dim),
+        (c.batch, kv, total, c.head_dim),
+        (c.batch, kv, total, c.head_dim),
+        (c.batch, heads, total, c.head_dim),
+    ]
+    q, k, v, dout = (torch.randn(s, generator=g, dtype=torch.float64) for s in shapes)
+    q, k = q * c.magnitude, k * c.magnitude
+    if c.special == "nan_q":
+        q[0, 0, total // 2, 0] = float("nan")
+    elif c.special == "inf_k":
+        k[0, 0, total // 3, 0] = float("inf")
+    return [q, k, v, dout]
+
+
+def _run_entry(c: FuzzCase, local: list[torch.Tensor], world: int) -> torch.Tensor:
+    q, k, v = local[:3]
+    gqa = q.size(1) != k.size(1)
+    if c.entry == "ring_attention":
+        return ringattn.ring_attention(
+            q, k, v, causal=c.causal, scale=c.scale, layout=c.layout, backend=c.backend
+        )
+    if c.entry.startswith("attention:"):
+        return ringattn.attention(
+            q,
+            k,
+            v,
+            causal=c.causal,
+            scale=c.scale,
+            strategy=c.entry.split(":")[1],
+            layout=c.layout,
+            backend=c.backend,
+        )
+    if c.entry == "context_parallel":
+        # The shards are already cut: route SDPA without sharding buffers.
+        with ringattn.context_parallel(None, layout=c.layout, backend=c.backend):
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=c.causal, scale=c.scale, enable_gqa=gqa
+            )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    dq, dk, dv = (DTensor.from_local(x, mesh, [Shard(2)], run_check=False) for x in (q, k, v))
+    with ringattn.attention_context_parallel(layout=c.layout, backend=c.backend):
+        out = F.scaled_dot_product_attention(
+            dq, dk, dv, is_causal=c.causal, scale=c.scale, enable_gqa=gqa
+        )
+    return out.to_local()
+
+
+def _errors(got: torch.Tensor, want: torch.Tensor, natural: float) -> tuple[float, float]:
+    """Max error over the entries where ``want`` is finite, relative to max |want| and to
+    ``natural`` (the size of the terms the result sums: near one-hot attention makes
+    gradients cancel to rounding noise, which only the second measures fairly)."""
+    finite = torch.isfinite(want)
+    if not finite.any():
+        return 0.0, 0.0
+    err = float(((got.double() - want)[finite]).abs().max())
+    return err / max(float(want[finite].abs().max()), 1e-300), err / max(natural, 1e-300)
+
+
+def _natural_scales(full: list[torch.Tensor], scale: float) -> dict[str, float]:
+    """What each result is a sum of: out of v; dv of dout; dq and dk of scale*dout*v*k (q)."""
+    m = [float(x.detach()[torch.isfinite(x.detach())].abs().max()) for x in full]
+    q, k, v, dout = m
+    keys = full[1].size(2)
+    return {
+        "out": v,
+        "dv": keys * dout,
+        "dq": 2 * scale * dout * v * k,
+        "dk": 2 * keys * scale * dout * v * q,
+    }
+
+
+def _safe_naive(qkv: list[torch.Tensor], causal: bool, scale: float) -> torch.Tensor:
+    q, k, v = qkv
+    groups = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    dead = (scores == float("-inf")).all(-1, keepdim=True)
+    return p.masked_fill(dead, 0.0) @ v
+
+
+def gqa_groups(full: list[torch.Tensor]) -> int:
+    return full[0].size(1) // full[1].size(1)
+
+
+def _grads(out: torch.Tensor, inputs: list[torch.Tensor], dout: torch.Tensor) -> list:
+    out.backward(dout)
+    return [out.detach(), *(x.grad for x in inputs)]
+
+
+def check_case(c: FuzzCase, rank: int, world: int) -> dict:
+    """Run one case on this rank: errors of the output and gradients (and one-process SDPA's
+    in the same dtype), and whether NaNs appear where PyTorch's SDPA puts them."""
+    dtype = getattr(torch, c.dtype)
+    # The rounded inputs, so that the reference sees what the entry point sees.
+    full = [x.to(dtype).double() for x in _full_inputs(c, world)]
+    gqa = full[0].size(1) != full[1].size(1)
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=c.causal, scale=c.scale, enable_gqa=gqa
+        )
+
+    ref_in = [x.clone().requires_grad_() for x in full[:3]]
+    with sdpa_kernel([SDPBackend.MATH]):  # the definition: float64 ops, IEEE NaN rules
+        want = _grads(sdpa(*ref_in), ref_in, full[3])
+    same_in = [x.to(dtype).requires_grad_() for x in full[:3]]
+    # One process, same dtype, same kernel: the error to match, and where NaNs land.
+    with sdpa_kernel([_SDPA_BACKEND[c.backend]]):
+        same = _grads(sdpa(*same_in), same_in, full[3].to(dtype))
+    local = [
+        ringattn.shard(x, layout=c.layout).to(dtype).detach().requires_grad_() for x in full[:3]
+    ]
+    out = _run_entry(c, local, world)
+    dout = ringattn.shard(full[3], layout=c.layout).to(dtype)
+    want_local = [ringattn.shard(w, layout=c.layout) for w in want]
+    same_local = [ringattn.shard(x, layout=c.layout) for x in same]
+    result: dict = {"case": asdict(c)}
+    # NaN and inf reach exactly the rows that attend to them, as in PyTorch's SDPA, whose
+    # softmax gives 0 for a row whose scores are all -inf; but with the causal mask applied
+    # before the softmax (PyTorch's math path adds it, which also turns a masked +inf score
+    # into NaN).
+    naive = _safe_naive(full[:3], c.causal, c.scale or c.head_dim**-0.5)
+    result["nan_pattern_equal"] = bool(
+        torch.equal(torch.isnan(out.detach()), torch.isnan(ringattn.shard(naive, layout=c.layout)))
+    )
+    names = ("out",) if c.special != "none" else ("out", "dq", "dk", "dv")
+    got = [out.detach()] if c.special != "none" else _grads(out, local, dout)
+    natural = _natural_scales(full, c.scale or full[0].size(-1) ** -0.5)
+    for name, g, w, sd in zip(names, got, want_local, same_local):
+        result[name] = (*_errors(g, w, natural[name]), _errors(sd, w, natural[name])[0])
+    result["floor"] = FLOOR[c.dtype]
+    result["eps"] = torch.finfo(dtype).eps
+    # Partial results merge through log-sum-exps kept in float32 (float64 for float64
+    # inputs): with logits of magnitude L their weights carry errors of about L x eps.
+    finite = [x.nan_to_num(0.0, 0.0, 0.0) for x in full[:2]]
+    logits = finite[0] @ finite[1].repeat_interleave(gqa_groups(full), 1).transpose(-1, -2)
+    lse_eps = torch.finfo(torch.float64 if c.dtype == "float64" else torch.float32).eps
+    result["lse_bound"] = 4 * float(logits.abs().max()) * (c.scale or c.head_dim**-0.5) * lse_eps
+    return result
+
+
+def run_fuzz(rank: int, world: int, examples: int) -> list[dict]:
+    """``examples`` Hypothesis cases on this rank; every case's result (never raises)."""
+    torch.set_num_threads(1)
+    found: list[dict] = []
+
+    @settings(
+        max_examples=examples,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(fuzz_strategy())
+    def body(c: FuzzCase) -> None:
+        try:
+            found.append(check_case(c, rank, world))
+        except Exception as err:  # noqa: BLE001 - recorded; the parent fails the test
+            found.append({"case": asdict(c), "error": f"{type(err).__name__}: {err}"})
+
+    body()
+    return found
+
+
+def failures(found: list[dict]) -> list[tuple]:
+    """The cases of one rank that failed: exceptions, NaN patterns, and errors above both
+    max(1.5 x one-process SDPA's in the same dtype, the dtype's floor, the log-sum-exp
+    bound) relative to the result and 8 roundings of the dtype relative to the terms it
+    sums."""
+    bad = []
+    for r in found:
+        if "error" in r:
+            bad.append((r["case"], r["error"][:300]))
+            continue
+        if not r["nan_pattern_equal"]:
+            bad.append((r["case"], "NaN where PyTorch's math SDPA has none, or the reverse"))
+        for name in ("out", "dq", "dk", "dv"):
+            if name not in r:
+                continue
+            rel, of_natural, sdpa = r[name]
+            allowed = (
+                max(1.5 * sdpa, r["floor"], r["lse_bound"]) if sdpa == sdpa else 10 * r["floor"]
+            )
+            # Either as close as one-process SDPA (relative), or within a few roundings of
+            # the terms being summed (cancelling gradients).
+            if not (rel <= allowed or of_natural <= 8 * r["eps"]):
+                bad.append((r["case"], name, rel, of_natural, sdpa))
+    return bad
