@@ -88,3 +88,56 @@ def run_fault(rank: int, world: int, fault: str) -> dict:
         if last:
             raise  # the failing rank's own error
         return {"outcome": (type(err).__name__, str(err)), "seconds": time.monotonic() - start}
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_repeated_calls(rank: int, world: int, calls: int) -> dict:
+    """Resident memory after warm-up and after ``calls`` forward+backward calls per entry."""
+    import gc
+
+    q, k, v = (x.requires_grad_() for x in _inputs(length=16))
+    entries = {
+        "ring_attention": lambda: ringattn.ring_attention(q, k, v, causal=True),
+        "allgather": lambda: ringattn.attention(q, k, v, causal=True, strategy="allgather"),
+        "ulysses": lambda: ringattn.attention(q, k, v, causal=True, strategy="ulysses"),
+    }
+    found = {}
+    for name, call in entries.items():
+        for _ in range(50):
+            call().sum().backward()
+        gc.collect()
+        before = _rss_mib()
+        for _ in range(calls):
+            call().sum().backward()
+        gc.collect()
+        found[name] = (before, _rss_mib())
+    return found
+
+
+def run_determinism(rank: int, world: int) -> dict:
+    """Outputs and gradients of every strategy and CPU backend, twice, on this rank."""
+    found = {}
+    g = torch.Generator().manual_seed(11)
+    full = [torch.randn(1, 4, 64, 16, generator=g) for _ in range(4)]  # any world up to 4
+    for backend, dtype in (
+        ("cpu", torch.float32),
+        ("math", torch.float32),
+        ("cpu", torch.bfloat16),
+    ):
+        for strategy in ("ring", "allgather", "ulysses"):
+            runs = []
+            for _ in range(2):
+                local = [ringattn.shard(x).to(dtype).requires_grad_() for x in full[:3]]
+                out = ringattn.attention(*local, causal=True, strategy=strategy, backend=backend)
+                out.backward(ringattn.shard(full[3]).to(dtype))
+                runs.append([ringattn.unshard(t) for t in (out, *(x.grad for x in local))])
+            found[f"{strategy}-{backend}-{dtype}"] = {
+                "same_twice": all(torch.equal(a, b) for a, b in zip(*runs)),
+                "result": runs[0],
+            }
+    return found

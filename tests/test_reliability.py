@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from distributed import COLLECTIVE_TIMEOUT_S, run_ranks, run_ranks_with_faults
-from fault_cases import LONE_CHANGES, run_fault, run_lone_changes
+from fault_cases import (
+    LONE_CHANGES,
+    run_determinism,
+    run_fault,
+    run_lone_changes,
+    run_repeated_calls,
+)
 
 FIELD = {
     "length": "q.shape[2] (local queries)",
@@ -58,3 +65,35 @@ def test_a_rank_that_raises_or_dies_fails_the_others_in_bounded_time(fault, wher
         assert "Another rank probably raised, died" in message or "could not reach" in message
         # Within the group's timeout (plus start-up), not a hang.
         assert result["ok"]["seconds"] < 3 * TIMEOUT_S, (rank, result["ok"]["seconds"])
+
+
+def test_repeated_calls_leave_memory_flat() -> None:
+    """1000 forward+backward calls per entry after warm-up: resident memory stays put."""
+    for rank, found in enumerate(run_ranks(run_repeated_calls, 2, 1000)):
+        for name, (before, after) in found.items():
+            assert after - before < 4.0, f"rank {rank} {name}: {before:.1f} -> {after:.1f} MiB"
+
+
+@pytest.fixture(scope="module")
+def determinism() -> dict[int, list[dict]]:
+    return {world: run_ranks(run_determinism, world) for world in (2, 4)}
+
+
+def test_the_same_inputs_give_bitwise_identical_results(determinism) -> None:
+    # Twice in one process, and in another launch of the same world size.
+    again = run_ranks(run_determinism, 2)
+    for found, repeat in zip(determinism[2], again):
+        for name, entry in found.items():
+            assert entry["same_twice"], name
+            for a, b in zip(entry["result"], repeat[name]["result"]):
+                assert torch.equal(a, b), name
+    assert all(e["same_twice"] for found in determinism[4] for e in found.values())
+
+
+def test_other_world_sizes_agree_to_rounding(determinism) -> None:
+    """Not bitwise: more ranks merge more partial results (docs/errors.md says so)."""
+    for name, entry in determinism[2][0].items():
+        tol = 3e-2 if "bfloat16" in name else 1e-5
+        for a, b in zip(entry["result"], determinism[4][0][name]["result"]):
+            err = float((a.double() - b.double()).abs().max() / b.double().abs().max())
+            assert err <= tol, (name, err)
