@@ -67,12 +67,27 @@ def run_fault(rank: int, world: int, fault: str) -> dict:
     """The last rank fails at one point of a forward+backward; the others carry on.
 
     ``fault``: "raise_before_backward" (the last rank raises after the forward),
-    "exit_before_call" (it dies before calling), "exit_mid_backward" (it dies inside its
-    backward, after sending nothing back).
+    "exit_before_call" (it dies before calling), "exit_mid_backward" (it dies between its
+    forward and backward), "exit_during_backward" (it dies inside its backward ring, after
+    its first stage).
     """
     q, k, v = (x.requires_grad_() for x in _inputs())
     ringattn.ring_attention(q.detach(), k.detach(), v.detach(), causal=True)  # agreed once
     last = rank == world - 1
+    if last and fault == "exit_during_backward":
+        # Die when the backward posts its second transfer: stage 1 has run, stage 2 has not.
+        from ringattn import comm
+
+        original, posted = comm.Ring.shift, []
+
+        def dying_shift(self, send, recv, **kwargs):
+            if "backward" in kwargs.get("what", ""):
+                posted.append(1)
+                if len(posted) == 2:
+                    os._exit(5)
+            return original(self, send, recv, **kwargs)
+
+        comm.Ring.shift = dying_shift  # type: ignore[method-assign]
     if last and fault == "exit_before_call":
         os._exit(3)
     start = time.monotonic()

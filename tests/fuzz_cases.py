@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -55,10 +55,12 @@ def _case_from(**kw) -> FuzzCase:
     return FuzzCase(dtype=dtype, backend=backend, **kw)
 
 
-def fuzz_strategy() -> st.SearchStrategy[FuzzCase]:
+def fuzz_strategy(world: int) -> st.SearchStrategy[FuzzCase]:
+    # The hybrid needs a 2-D mesh: on 4 ranks it runs on 2 x 2.
+    entries = ENTRIES + (("attention:hybrid",) if world == 4 else ())
     return st.builds(
         _case_from,
-        entry=st.sampled_from(ENTRIES),
+        entry=st.sampled_from(entries),
         batch=st.integers(1, 2),
         kv_heads=st.integers(1, 3),
         groups=st.integers(1, 3),
@@ -78,6 +80,8 @@ def _full_inputs(c: FuzzCase, world: int) -> list[torch.Tensor]:
     heads = c.kv_heads * c.groups
     if c.entry == "attention:ulysses" and heads % world:
         heads = c.kv_heads * c.groups * world  # Ulysses needs heads that split
+    if c.entry == "attention:hybrid" and heads % 2:
+        heads *= 2  # over its inner dimension of 2
     per_rank = 2 if c.layout == "zigzag" else 1
     total = c.chunk * per_rank * world
     g = torch.Generator().manual_seed(c.seed)
@@ -105,10 +109,17 @@ def _run_entry(c: FuzzCase, local: list[torch.Tensor], world: int) -> torch.Tens
             q, k, v, causal=c.causal, scale=c.scale, layout=c.layout, backend=c.backend
         )
     if c.entry.startswith("attention:"):
+        mesh = None
+        if c.entry == "attention:hybrid":
+            from torch.distributed.device_mesh import init_device_mesh
+
+            # Row-major over 2 x 2: the same local shards as the 1-D group's.
+            mesh = init_device_mesh("cpu", (world // 2, 2))
         return ringattn.attention(
             q,
             k,
             v,
+            mesh,
             causal=c.causal,
             scale=c.scale,
             strategy=c.entry.split(":")[1],
@@ -231,8 +242,36 @@ def check_case(c: FuzzCase, rank: int, world: int) -> dict:
     return result
 
 
+# Always run, whatever the search draws: each special input and large logits.
+EXPLICIT = (
+    FuzzCase(
+        "ring_attention", 1, 2, 2, 8, 2, "float32", "cpu", True, "zigzag", None, 1.0, "nan_q", 1
+    ),
+    FuzzCase(
+        "attention:allgather",
+        1,
+        1,
+        2,
+        8,
+        1,
+        "float64",
+        "math",
+        True,
+        "contiguous",
+        None,
+        1.0,
+        "inf_k",
+        2,
+    ),
+    FuzzCase(
+        "context_parallel", 2, 2, 1, 16, 2, "float32", "cpu", False, "zigzag", 0.5, 100.0, "none", 3
+    ),
+)
+
+
 def run_fuzz(rank: int, world: int, examples: int) -> list[dict]:
-    """``examples`` Hypothesis cases on this rank; every case's result (never raises)."""
+    """``examples`` Hypothesis cases plus :data:`EXPLICIT` on this rank; every case's
+    result (never raises)."""
     torch.set_num_threads(1)
     found: list[dict] = []
 
@@ -244,7 +283,10 @@ def run_fuzz(rank: int, world: int, examples: int) -> list[dict]:
         phases=[Phase.explicit, Phase.generate],
         suppress_health_check=list(HealthCheck),
     )
-    @given(fuzz_strategy())
+    @given(fuzz_strategy(world))
+    @example(EXPLICIT[0])
+    @example(EXPLICIT[1])
+    @example(EXPLICIT[2])
     def body(c: FuzzCase) -> None:
         try:
             found.append(check_case(c, rank, world))
