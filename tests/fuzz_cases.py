@@ -206,7 +206,7 @@ def check_case(c: FuzzCase, rank: int, world: int) -> dict:
     ref_in = [x.clone().requires_grad_() for x in full[:3]]
     with sdpa_kernel([SDPBackend.MATH]):  # the definition: float64 ops, IEEE NaN rules
         want = _grads(sdpa(*ref_in), ref_in, full[3])
-    same_in = [x.to(dtype).requires_grad_() for x in full[:3]]
+    same_in = [x.to(dtype).clone().requires_grad_() for x in full[:3]]
     # One process, same dtype, same kernel: the error to match, and where NaNs land.
     with sdpa_kernel([_SDPA_BACKEND[c.backend]]):
         same = _grads(sdpa(*same_in), same_in, full[3].to(dtype))
