@@ -4,10 +4,8 @@
 # The suite in two invocations (cuDNN, then flash; each under ten minutes on 2x H200), then
 # CUDA-graph replay at short lengths.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/gpu_env.sh"
 out="${1:-benchmarks/results}"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python3 -m ringattn bench --backends cudnn --long-seq-lens 256K --warmup 1 \
     --out "$out" --name bench-h200x2
 python3 -m ringattn bench --backends flash --long-seq-lens "" --warmup 1 \

@@ -2,13 +2,9 @@
 # GPU checks, the demo, and a short benchmark on a machine with CUDA GPUs, in one call.
 # Usage: scripts/gpu_check.sh [OUTPUT_DIR]   (JSON results land in OUTPUT_DIR, default ./gpu_results)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/gpu_env.sh"
 out="${1:-gpu_results}"
 mkdir -p "$out"
-# NVLink multicast stays off: it is not needed for point-to-point rings.
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 status=0
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python3 -c 'import torch; print("torch", torch.__version__)'

@@ -3,14 +3,11 @@
 # planner's calibration, and the benchmark of every method at the given lengths, then the
 # planner against it. Usage: scripts/scaling_check.sh OUTPUT_DIR [SEQ_LENS] [LONG_SEQ_LENS]
 set -uo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/gpu_env.sh"
 out="${1:-gpu_results}"
 lens="${2:-128K}"
 long="${3:-}"
 mkdir -p "$out"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1
 status=0
 timeout 200 python3 -m torch.distributed.run --standalone --nproc-per-node="$gpus" \

@@ -3,12 +3,9 @@
 # the planner's calibration, the benchmark of every strategy, and the planner's predictions
 # against it. Usage: scripts/strategies_h200x2.sh [OUTPUT_DIR]   (default ./gpu_results)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/gpu_env.sh"
 out="${1:-gpu_results}"
 mkdir -p "$out"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 status=0
 
 echo "== correctness: allgather, ulysses, hybrid x flash, efficient, cudnn (bf16)"

@@ -10,6 +10,16 @@ from ringattn.bench import BenchCase, BenchPlan, fill_ratios, run_bench
 from ringattn.bench_report import markdown_table, write_results
 from ringattn.cli import _merge_rows, _tokens
 
+METHODS_RUN = (
+    "one-gpu",
+    "ringattn-zigzag",
+    "ringattn-contiguous",
+    "ringattn-allgather",
+    "ringattn-ulysses",
+    "ringattn-hybrid",
+    "ringattn-auto",
+)
+
 
 @pytest.fixture(scope="module")
 def rows() -> list[dict]:
@@ -19,15 +29,7 @@ def rows() -> list[dict]:
     )
     plan = BenchPlan(
         cases,
-        methods=(
-            "one-gpu",
-            "ringattn-zigzag",
-            "ringattn-contiguous",
-            "ringattn-allgather",
-            "ringattn-ulysses",
-            "ringattn-hybrid",
-            "ringattn-auto",
-        ),
+        methods=METHODS_RUN,
         warmup=1,
         samples=2,
         min_sample_ms=0.0,
@@ -39,17 +41,8 @@ def rows() -> list[dict]:
 
 
 def test_every_method_of_every_case_is_timed(rows) -> None:
-    methods = [
-        "one-gpu",
-        "ringattn-zigzag",
-        "ringattn-contiguous",
-        "ringattn-allgather",
-        "ringattn-ulysses",
-        "ringattn-hybrid",
-        "ringattn-auto",
-    ]
     assert [(r["seq_len"], r["causal"], r["method"]) for r in rows] == [
-        (512, causal, m) for causal in (True, False) for m in methods
+        (512, causal, m) for causal in (True, False) for m in METHODS_RUN
     ]
     for r in rows:
         assert r["error"] is None and r["ms"] > 0
