@@ -1,0 +1,35 @@
+"""Hugging Face transformers: a tiny Llama (GQA) context-parallel matches one process."""
+
+from __future__ import annotations
+
+import pytest
+
+from distributed import run_ranks
+from hf_cases import loss_and_grads, run_errors
+
+
+@pytest.fixture(scope="module")
+def single() -> dict:
+    return loss_and_grads(0, 1, "eager")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_loss_and_gradients_match_one_process(single, world: int) -> None:
+    for rank, found in enumerate(run_ranks(loss_and_grads, world, "ringattn")):
+        assert abs(found["loss"] - single["loss"]) <= 1e-5 * abs(single["loss"]), rank
+        assert found["grads"].keys() == single["grads"].keys()
+        for name, grad in found["grads"].items():
+            want = single["grads"][name]
+            err = float((grad - want).abs().max() / want.abs().max())
+            assert err <= 1e-5, f"rank {rank} {name}: {err:.2e}"
+
+
+def test_what_cannot_run_context_parallel_raises() -> None:
+    expected = {
+        "padding": "padded batches are not supported",
+        "unknown_key": "does not know how to shard ['pixel_values']",
+        "output_attentions": "output_attentions is not supported",
+    }
+    for found in run_ranks(run_errors, 2):
+        for name, text in expected.items():
+            assert found[name][0] == "ValueError" and text in found[name][1], found[name]
