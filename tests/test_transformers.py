@@ -8,14 +8,20 @@ from distributed import run_ranks
 from hf_cases import loss_and_grads, run_errors
 
 
-@pytest.fixture(scope="module")
-def single() -> dict:
-    return loss_and_grads(0, 1, "eager")
-
-
-@pytest.mark.parametrize("world", [2, 4])
-def test_loss_and_gradients_match_one_process(single, world: int) -> None:
-    for rank, found in enumerate(run_ranks(loss_and_grads, world, "ringattn")):
+@pytest.mark.parametrize(
+    ("family", "world", "implementation"),
+    [
+        ("llama", 2, "ringattn"),
+        ("llama", 4, "ringattn"),
+        ("llama", 2, "set:ringattn"),
+        ("mistral", 2, "ringattn"),
+        ("qwen2", 4, "ringattn"),
+    ],
+)
+def test_loss_and_gradients_match_one_process(family: str, world: int, implementation) -> None:
+    """Against the same model on one process with its default attention, float32."""
+    single = loss_and_grads(0, 1, "default", family)
+    for rank, found in enumerate(run_ranks(loss_and_grads, world, implementation, family)):
         assert abs(found["loss"] - single["loss"]) <= 1e-5 * abs(single["loss"]), rank
         assert found["grads"].keys() == single["grads"].keys()
         for name, grad in found["grads"].items():
@@ -26,6 +32,7 @@ def test_loss_and_gradients_match_one_process(single, world: int) -> None:
 
 def test_what_cannot_run_context_parallel_raises() -> None:
     expected = {
+        "sliding_window": "sliding-window attention (window 8)",
         "padding": "padded batches are not supported",
         "unknown_key": "does not know how to shard ['pixel_values']",
         "output_attentions": "output_attentions is not supported",

@@ -54,8 +54,13 @@ def _attention(
         )
     if dropout:
         raise ValueError(f"{where}: attention dropout must be 0, got {dropout}")
-    if getattr(module, "sliding_window", None):
-        raise ValueError(f"{where}: sliding-window attention is not supported")
+    # Models pass the window as an argument (or keep it on the module in older releases).
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    if window and window < query.size(2) * comm.group_facts(comm.resolve_group(group))[1]:
+        raise ValueError(
+            f"{where}: sliding-window attention (window {window}) over a longer sequence is "
+            "not supported; a window at least as long as the sequence is plain causal"
+        )
     if kwargs.get("output_attentions"):
         raise ValueError(f"{where}: output_attentions is not supported (no weights are formed)")
     causal = is_causal if is_causal is not None else bool(getattr(module, "is_causal", True))
