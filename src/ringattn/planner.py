@@ -27,6 +27,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .strategies import kv_heads_for_ulysses
+
 __all__ = [
     "Calibration",
     "PlanRow",
@@ -252,12 +254,11 @@ def plan(problem: Problem, calibration: Calibration | None = None) -> list[PlanR
 
     if n > 1:
         half = local / 2
-        if p.causal:  # two query chunks: diagonal plus the prefix before each
-            first, second = 0, 2 * n - 1  # the extremes; every rank does the same work
+        if p.causal:
+            # Two query chunks, each a causal diagonal plus the whole prefix before it. The
+            # prefixes of every rank's chunks add up to 2N-1 chunks; rank 0 has them in one.
             compute = 2 * _kernel_ms(cal, p, p.heads, half, half, True)
-            compute += _kernel_ms(cal, p, p.heads, half, max(first, 1) * half, False) * (first > 0)
-            compute += _kernel_ms(cal, p, p.heads, half, second * half, False)
-            compute *= (2 * n - 1) / (2 * n - 1 + (first > 0))  # average over ranks
+            compute += _kernel_ms(cal, p, p.heads, half, (2 * n - 1) * half, False)
         else:
             compute = _kernel_ms(cal, p, p.heads, local, p.seq_len, False)
         gbs = _link(cal, p, n, p2p=False)
@@ -269,11 +270,7 @@ def plan(problem: Problem, calibration: Calibration | None = None) -> list[PlanR
 
     for inner in _ulysses_sizes(p):
         outer = n // inner
-        kv = (
-            p.kv_heads
-            if p.kv_heads % inner == 0
-            else p.kv_heads * inner // math.gcd(p.kv_heads, inner)
-        )
+        kv = kv_heads_for_ulysses(p.heads, p.kv_heads, inner)
         heads_here, kv_here = p.heads // inner, kv // inner
         ring_local = p.seq_len / outer
         if outer == 1:

@@ -17,6 +17,7 @@ row-major order (``layout="zigzag"``: 2N chunks, rank g holds chunks g and 2N-1-
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -175,13 +176,7 @@ def kv_heads_for_ulysses(heads: int, kv_heads: int, size: int) -> int:
     if kv_heads % size == 0:
         return kv_heads
     # Each K/V head repeated so that the count is a multiple of size and still divides heads.
-    return kv_heads * size // _gcd(kv_heads, size)
-
-
-def _gcd(a: int, b: int) -> int:
-    while b:
-        a, b = b, a % b
-    return a
+    return kv_heads * size // math.gcd(kv_heads, size)
 
 
 def _ulysses(
