@@ -11,6 +11,16 @@ from torch.overrides import _get_current_function_mode_stack
 import ringattn
 from ringattn import comm
 
+
+def caught(body) -> tuple[str, str]:
+    """``(exception type name, message)`` of what ``body()`` raised, or ``("no error", "")``."""
+    try:
+        body()
+    except Exception as err:  # noqa: BLE001 - the test inspects it
+        return type(err).__name__, str(err)
+    return "no error", ""
+
+
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 

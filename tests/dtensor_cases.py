@@ -20,6 +20,8 @@ from torch.overrides import _get_current_function_mode_stack
 import ringattn
 from ringattn.reference import attention
 
+from cases import caught
+
 
 def _err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.detach() - want).abs().max() / want.abs().max())
@@ -97,14 +99,6 @@ def run_dtensor_sdpa(rank: int, world: int) -> dict:
     return found
 
 
-def _catch(body: Callable[[], object]) -> tuple[str, str]:
-    try:
-        body()
-    except Exception as err:  # noqa: BLE001 - the test inspects it
-        return type(err).__name__, str(err)
-    return "no error", ""
-
-
 def run_dtensor_errors(rank: int, world: int) -> dict:
     """Inputs the DTensor route cannot take, dispatch state after errors, and pass-through."""
     from torch.distributed.tensor import DTensor as DT
@@ -133,14 +127,14 @@ def run_dtensor_errors(rank: int, world: int) -> dict:
     for name, body in cases.items():
         layout = "zigzag" if name == "odd_length" else "contiguous"
         with_context = lambda body=body, layout=layout: _in_context(body, layout)  # noqa: E731
-        found[name] = _catch(with_context)
+        found[name] = caught(with_context)
         found[f"{name}_state"] = (
             list(_get_current_function_mode_stack()) == modes
             and DT._op_dispatcher._custom_op_handlers is handlers
             and dict(handlers) == handler_items
         )
-    found["bad_layout"] = _catch(lambda: _in_context(lambda: None, "diagonal"))
-    found["bad_mesh"] = _catch(lambda: ringattn.attention_context_parallel("mesh").__enter__())
+    found["bad_layout"] = caught(lambda: _in_context(lambda: None, "diagonal"))
+    found["bad_mesh"] = caught(lambda: ringattn.attention_context_parallel("mesh").__enter__())
     for name in ("bad_layout", "bad_mesh"):
         found[f"{name}_state"] = list(_get_current_function_mode_stack()) == modes
     # Plain tensors inside the context, and DTensors whose sequence is whole, run as usual.
@@ -153,14 +147,14 @@ def run_dtensor_errors(rank: int, world: int) -> dict:
         mesh2 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("outer", "seq"))
         x2 = distribute_tensor(q, mesh2, [Replicate(), Shard(2)])
         twice = distribute_tensor(q, mesh2, [Shard(2), Shard(2)])
-        found["other_mesh"] = _catch(
+        found["other_mesh"] = caught(
             lambda: _in_context(lambda: sdpa(x2, x2, x2), "contiguous", mesh2["outer"])
         )
         found["sub_mesh"] = _err(
             _in_context(lambda: sdpa(x2, x2, x2), "contiguous", mesh2["seq"]).full_tensor(),
             attention(q, q, q),
         )
-        found["seq_twice"] = _catch(lambda: _in_context(lambda: sdpa(twice, twice, twice)))
+        found["seq_twice"] = caught(lambda: _in_context(lambda: sdpa(twice, twice, twice)))
     return found
 
 
@@ -323,7 +317,7 @@ def run_style_checks(rank: int, world: int) -> dict:
         "bad_layout": lambda: ringattn.AttentionContextParallel(layout="diagonal"),
     }
     for name, body in cases.items():
-        found[name] = _catch(body)
+        found[name] = caught(body)
         found[f"{name}_state"] = list(_get_current_function_mode_stack()) == modes
     # Inference: eval mode without autograd (where nn.MultiheadAttention has a fast path
     # that bypasses SDPA) still runs the ring.

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from cases import caught
+
 SEQ, VOCAB = 32, 101
 
 
@@ -92,9 +94,5 @@ def run_errors(rank: int, world: int) -> dict:
         "output_attentions": lambda: model(**hf.shard_batch(batch), output_attentions=True),
     }
     for name, body in cases.items():
-        try:
-            body()
-            found[name] = ("no error", "")
-        except Exception as err:  # noqa: BLE001 - the test inspects it
-            found[name] = (type(err).__name__, str(err))
+        found[name] = caught(body)
     return found
