@@ -6,12 +6,15 @@ part of the batch. Run on CPUs or GPUs:
 
     torchrun --nproc-per-node=2 examples/hf_long_context.py --seq-len 8192 --steps 3
 
-Prints the loss (the one-process value) and tokens/s per step.
+``--attention sdpa`` runs the same model on one process with PyTorch's SDPA instead, the
+baseline (``python examples/hf_long_context.py --attention sdpa``). Prints the loss (the
+one-process value), tokens/s and peak memory per step; ``--json`` also writes them to a file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -22,65 +25,115 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import ringattn.integrations.transformers as ringattn_hf
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seq-len", type=int, default=8192)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--attention", choices=["ringattn", "sdpa"], default="ringattn")
     p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--intermediate", type=int, default=None, help="default: 4 x hidden")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--vocab", type=int, default=32000)
-    args = p.parse_args()
+    p.add_argument("--json", default=None, help="write the run's numbers to this file")
+    return p.parse_args()
 
+
+def setup(attention: str) -> tuple[torch.device, int, int]:
+    """The device, rank and world size; a process group only for ring attention."""
     cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else None
     if cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
+    if attention == "sdpa":
+        if int(os.environ.get("WORLD_SIZE", 1)) != 1:
+            raise SystemExit("--attention sdpa is the one-process baseline: run it with python")
+        return device or torch.device("cpu"), 0, 1
+    if cuda:
         dist.init_process_group("nccl", device_id=device)
     else:
-        device = torch.device("cpu")
         dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    return device or torch.device("cpu"), dist.get_rank(), dist.get_world_size()
 
-    ringattn_hf.register()
+
+def main() -> None:
+    args = parse_args()
+    device, rank, world = setup(args.attention)
+    ringattn = args.attention == "ringattn"
+    if ringattn:
+        ringattn_hf.register()
     config = LlamaConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
-        intermediate_size=4 * args.hidden,
+        intermediate_size=args.intermediate or 4 * args.hidden,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
         max_position_embeddings=args.seq_len,
     )
+    cuda = device.type == "cuda"
     torch.manual_seed(0)  # the same weights and batch on every rank
-    model = AutoModelForCausalLM.from_config(
-        config, attn_implementation="ringattn", dtype=torch.bfloat16 if cuda else torch.float32
-    ).to(device)
+    with device:  # initialise on the device: a large model is slow to initialise on the host
+        model = AutoModelForCausalLM.from_config(
+            config,
+            attn_implementation=ringattn_hf.NAME if ringattn else "sdpa",
+            dtype=torch.bfloat16 if cuda else torch.float32,
+        )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, args.vocab, (1, args.seq_len), device=device)
-    part = ringattn_hf.shard_batch({"input_ids": ids, "labels": ids})
+    batch = {"input_ids": ids, "labels": ids}
+    part = ringattn_hf.shard_batch(batch) if ringattn else batch
+    record: dict = {
+        "attention": args.attention,
+        "ranks": world,
+        "seq_len": args.seq_len,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "steps": [],
+    }
+    if rank == 0:
+        print(f"{record['parameters'] / 1e6:,.0f}M parameters, {args.seq_len} tokens", flush=True)
 
-    for step in range(args.steps):
-        start = time.perf_counter()
-        opt.zero_grad()
-        loss = model(**part).loss  # this rank's share of the global mean
-        loss.backward()
-        for param in model.parameters():  # every rank saw its own tokens
-            dist.all_reduce(param.grad)
-        opt.step()
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        if cuda:
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        if rank == 0:
-            print(
-                f"step {step}: loss {float(total):.4f}, {args.seq_len / elapsed:,.0f} tokens/s "
-                f"on {world} ranks ({device.type})",
-                flush=True,
+    try:
+        for step in range(args.steps):
+            start = time.perf_counter()
+            opt.zero_grad()
+            loss = model(**part).loss  # with ring attention: this rank's share of the mean
+            loss.backward()
+            total = loss.detach().clone()
+            if ringattn:
+                for param in model.parameters():  # every rank saw its own tokens
+                    dist.all_reduce(param.grad)
+                dist.all_reduce(total)
+            opt.step()
+            if cuda:
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
+            record["steps"].append(
+                {"loss": float(total), "tokens_per_s": args.seq_len / elapsed, "peak_gib": peak}
             )
-    dist.destroy_process_group()
+            if rank == 0:
+                memory = f", peak {peak:.1f} GiB per GPU" if cuda else ""
+                print(
+                    f"step {step}: loss {float(total):.4f}, {args.seq_len / elapsed:,.0f} "
+                    f"tokens/s on {world} rank(s) ({device.type}, {args.attention}){memory}",
+                    flush=True,
+                )
+    except torch.OutOfMemoryError as error:
+        record["out_of_memory"] = str(error).splitlines()[0]
+        if rank == 0:
+            print(f"out of memory at {args.seq_len} tokens: {record['out_of_memory']}", flush=True)
+    if cuda:
+        record["gpu_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
+    if args.json and rank == 0:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+    if ringattn:
+        dist.destroy_process_group()
+    if "out_of_memory" in record:
+        raise SystemExit(3)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,14 @@ timeout 600 python3 -m torch.distributed.run --standalone --nproc-per-node="$gpu
     scripts/gpu_integration.py --json "$out/gpu_integration.json" 2>&1 | tee "$out/gpu_integration.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+echo "== Hugging Face: a length one GPU cannot hold, SDPA on one GPU vs ringattn on all"
+if python3 -c 'import transformers' 2>/dev/null; then
+    timeout 900 python3 scripts/gpu_hf_long_context.py "$out" 2>&1 | tee "$out/hf_long_context.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+else
+    echo "transformers is not installed: skipped (pip install -e '.[hf]')"
+fi
+
 echo "== demo: default size, and 128K tokens"
 timeout 600 python3 -m ringattn demo --json "$out/demo_default.json" || status=1
 timeout 600 python3 -m ringattn demo --seq-len 131072 --json "$out/demo_128k.json" || status=1
