@@ -151,7 +151,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
-    from .bench import METHODS, MODES
+    from .bench import METHODS, MODES, STRATEGY_METHODS
 
     p = sub.add_parser(
         "bench",
@@ -175,7 +175,8 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--methods",
         type=_names,
-        help=f"comma list of {', '.join(METHODS)}, ringattn-zigzag-graphs",
+        help=f"comma list of {', '.join(METHODS)}, ringattn-zigzag-graphs, "
+        + ", ".join(f"ringattn-{name}" for name in STRATEGY_METHODS),
     )
     p.add_argument("--ranks", type=int, help="local ranks (default: all GPUs, or 2 on the CPU)")
     p.add_argument("--samples", type=int, help="timed samples per row (median reported)")
@@ -315,8 +316,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         elif kind == "row":
             records.append(payload[0])
             # Partial results survive a crash.
-            partial = fill_ratios([dict(r) for r in records], ranks)
-            write_results(_merge_rows(kept, partial), meta, args.out, name)
+            partial = fill_ratios(_merge_rows(kept, [dict(r) for r in records]), ranks)
+            write_results(partial, meta, args.out, name)
 
     if os.environ.get("RANK", "0") == "0":
         print(f"ringattn bench: {ranks} ranks on {device_name}, {len(plan.cases)} cases")
@@ -327,7 +328,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         rows = run_bench(plan, ranks, device_type, on_event)
     if not rows:
         return 0  # a torchrun rank other than 0
-    paths = write_results(_merge_rows(kept, rows), meta, args.out, name)
+    # Ratios over the merged rows: an appended method may be compared with a kept one-gpu row.
+    paths = write_results(fill_ratios(_merge_rows(kept, rows), ranks), meta, args.out, name)
     _print_bench_table(rows)
     print("wrote " + ", ".join(paths))
     return 0
