@@ -64,7 +64,8 @@ def strategy_cases(world: int, two_d: bool) -> list[dict]:
     """Every strategy the mesh allows x causal/full x layouts x MHA/GQA/MQA, in float64,
     plus float32 and bfloat16 cases on the CPU kernel."""
     strategies = ["ring", "allgather", "ulysses"] + (["hybrid"] if two_d else [])
-    heads = [(6, 6), (6, 2), (6, 1)] if world == 3 else [(4, 4), (4, 2), (4, 1)]
+    h = 6 if world == 3 else max(4, world)  # Ulysses needs the heads to split over the ranks
+    heads = [(h, h), (h, 2), (h, 1)]
     cases = []
     for strategy in strategies:
         for causal in (True, False):

@@ -11,7 +11,7 @@ from ringattn.reference import attention
 from cases import Case, bf16_cases, case_dicts, random_cases, run_cases
 from distributed import run_ranks
 
-WORLDS = (1, 2, 3, 4)
+WORLDS = (1, 2, 3, 4, 8)
 CASES = {w: random_cases(w, count=20, seed=w) for w in WORLDS}
 BF16 = {w: bf16_cases(w) for w in (2, 4)}
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}

@@ -1,4 +1,5 @@
-"""ringattn.attention: every strategy against float64 attention on 2, 3, 4 and 2x2 ranks."""
+"""ringattn.attention: every strategy against float64 attention on 2, 3, 4, 8, 2x2 and 4x2
+ranks."""
 
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from strategy_cases import (
 # bfloat16 by their rounding (bfloat16 has 8 bits of mantissa: 2^-8 = 3.9e-3 per rounding).
 TOL = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 5e-2}
 
-MESHES = [(2, (2,)), (3, (3,)), (4, (4,)), (4, (2, 2))]
+MESHES = [(2, (2,)), (3, (3,)), (4, (4,)), (8, (8,)), (4, (2, 2)), (8, (4, 2))]
 
 
-@pytest.mark.parametrize(("world", "mesh_shape"), MESHES, ids=["2", "3", "4", "2x2"])
+@pytest.mark.parametrize(("world", "mesh_shape"), MESHES, ids=["2", "3", "4", "8", "2x2", "4x2"])
 def test_every_strategy_matches_float64_attention(world: int, mesh_shape: tuple) -> None:
     cases = strategy_cases(world, len(mesh_shape) == 2)
     results = run_ranks(run_strategies, world, mesh_shape, cases)
