@@ -19,10 +19,10 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import ringattn  # noqa: E402
-from ringattn import api, comm  # noqa: E402
-from ringattn.bench import BenchCase, _method  # noqa: E402
-from ringattn.cli import _tokens  # noqa: E402
-from ringattn.launch import spawn_ranks  # noqa: E402
+from ringattn import checks, comm  # noqa: E402
+from ringattn.cli.bench import BenchCase, _method  # noqa: E402
+from ringattn.cli.commands import _tokens  # noqa: E402
+from ringattn.cli.launch import spawn_ranks  # noqa: E402
 
 CALLS = 100
 
@@ -87,7 +87,7 @@ def _worker(rank, world_size, device, say, case: BenchCase):
     rows.append(
         (
             "cross-rank check (host group)",
-            *_host_and_gpu(lambda: api._agree_across_ranks(group, device, desc, None)),
+            *_host_and_gpu(lambda: checks._agree_across_ranks(group, device, desc, None)),
         )
     )
     rows += _backward_paths(case, device)

@@ -19,9 +19,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from ringattn.bench import BenchCase, _method  # noqa: E402
-from ringattn.cli import _tokens  # noqa: E402
-from ringattn.launch import spawn_ranks  # noqa: E402
+from ringattn.cli.bench import BenchCase, _method  # noqa: E402
+from ringattn.cli.commands import _tokens  # noqa: E402
+from ringattn.cli.launch import spawn_ranks  # noqa: E402
 
 ITERS = 5
 

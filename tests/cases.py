@@ -282,16 +282,16 @@ def run_error_scenarios(rank: int, world: int, names: list[str]) -> dict:
 
 def run_check_modes(rank: int, world: int) -> dict:
     """How often each mode runs the cross-rank check, and what a lone change gives."""
-    from ringattn import api
+    from ringattn import checks
 
     calls = []
-    original = api._agree_across_ranks
+    original = checks._agree_across_ranks
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    api._agree_across_ranks = counting
+    checks._agree_across_ranks = counting
     found: dict = {}
     try:
         g = torch.Generator().manual_seed(3)
@@ -338,7 +338,7 @@ def run_check_modes(rank: int, world: int) -> dict:
         found["never_calls"] = len(calls) - before
     finally:
         ringattn.set_cross_rank_check("always")
-        api._agree_across_ranks = original
+        checks._agree_across_ranks = original
     return found
 
 

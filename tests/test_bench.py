@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from ringattn.bench import BenchCase, BenchPlan, fill_ratios, run_bench
-from ringattn.bench_report import markdown_table, write_results
-from ringattn.cli import _merge_rows, _tokens
+from ringattn.cli.bench import BenchCase, BenchPlan, fill_ratios, run_bench
+from ringattn.cli.bench_report import markdown_table, write_results
+from ringattn.cli.commands import _merge_rows, _tokens
 
 METHODS_RUN = (
     "one-gpu",

@@ -12,6 +12,7 @@ skipped. Everything here is index math; tensors are only sliced.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -137,3 +138,20 @@ def ring_plan(rank: int, world_size: int, *, causal: bool, layout: str) -> list[
             # Only the second local query chunk comes after the source's chunks, and after both.
             plans.append(BlockPlan(source, Part.SECOND_HALF, Part.ALL, causal=False))
     return plans
+
+
+def kv_heads_for_ulysses(heads: int, kv_heads: int, size: int) -> int:
+    """K/V heads after replicating them so that ``size`` ranks can split them (GQA).
+
+    Raises ValueError when ``heads`` itself does not split over ``size`` ranks.
+    """
+    if heads % size:
+        raise ValueError(
+            f"strategy 'ulysses' splits heads over {size} ranks: q has {heads} heads, not a "
+            f"multiple of {size}; use strategy='ring' or 'allgather', or a mesh whose "
+            "Ulysses dimension divides the heads"
+        )
+    if kv_heads % size == 0:
+        return kv_heads
+    # Each K/V head repeated so that the count is a multiple of size and still divides heads.
+    return kv_heads * size // math.gcd(kv_heads, size)

@@ -27,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .strategies import kv_heads_for_ulysses
+from .layout import kv_heads_for_ulysses
 
 __all__ = [
     "Calibration",

@@ -17,7 +17,6 @@ row-major order (``layout="zigzag"``: 2N chunks, rank g holds chunks g and 2N-1-
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,11 +26,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import comm
-from .api import _call_key, checked_call, ring_attention
+from .api import ring_attention
+from .checks import _call_key, checked_call
 from .comm import SequenceMesh, resolve_mesh
 from .kernels import Kernel, accumulation_dtype, select_kernel
-from .layout import chunk_ids
+from .layout import chunk_ids, kv_heads_for_ulysses
 from .merge import merge_into
+from .planner import choose_strategy
 from .ring import RingCall
 
 __all__ = ["STRATEGIES", "attention"]
@@ -160,23 +161,6 @@ class _LocalAttention(torch.autograd.Function):
             dout.contiguous(), q, k, v, out, lse, ctx.aux, causal=ctx.causal, scale=ctx.scale
         )
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
-
-
-def kv_heads_for_ulysses(heads: int, kv_heads: int, size: int) -> int:
-    """K/V heads after replicating them so that ``size`` ranks can split them (GQA).
-
-    Raises ValueError when ``heads`` itself does not split over ``size`` ranks.
-    """
-    if heads % size:
-        raise ValueError(
-            f"strategy 'ulysses' splits heads over {size} ranks: q has {heads} heads, not a "
-            f"multiple of {size}; use strategy='ring' or 'allgather', or a mesh whose "
-            "Ulysses dimension divides the heads"
-        )
-    if kv_heads % size == 0:
-        return kv_heads
-    # Each K/V head repeated so that the count is a multiple of size and still divides heads.
-    return kv_heads * size // math.gcd(kv_heads, size)
 
 
 def _ulysses(
@@ -355,8 +339,6 @@ def _plan_call(
     sm = resolve_mesh(mesh)
     call = checked_call(sm.flat, q, k, v, causal, scale, layout, backend)
     if strategy == "auto":
-        from .planner import choose_strategy
-
         strategy = choose_strategy(q, k, sm, causal, call.kernel.name)
     if strategy == "hybrid" and sm.inner is None:
         raise ValueError(

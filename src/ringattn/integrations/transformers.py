@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .. import comm
 from ..api import ring_attention, shard
-from ..sdpa_route import check_route_options
+from .sdpa_route import check_route_options
 
 __all__ = ["IGNORE_INDEX", "NAME", "register", "shard_batch"]
 

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from .api import ring_attention
-from .kernels import BACKENDS
-from .layout import LAYOUTS
+from ..api import ring_attention
+from ..kernels import BACKENDS
+from ..layout import LAYOUTS
 
 __all__ = [
     "RingSDPA",

@@ -26,8 +26,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from .api import ring_attention
-from .layout import num_chunks
+from ..api import ring_attention
+from ..layout import num_chunks
 from .sdpa_route import (
     TORCH_SDPA,
     RingSDPA,

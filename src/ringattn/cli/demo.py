@@ -232,7 +232,7 @@ def _worker(
             for name, x in zip(("dq", "dk", "dv"), (qs, ks, vs))
         },
     }
-    from .kernels import select_kernel
+    from ..kernels import select_kernel
 
     backend_used = select_kernel(cfg.backend, qs, ks, vs, cfg.causal).name
     if rank != 0:

@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..planner import Calibration
 from .demo import median_wall_ms
-from .planner import Calibration
 
 __all__ = ["calibrate_worker"]
 
@@ -78,7 +78,7 @@ def _attention_points(
 
 def _link_gbs(device: torch.device, group: Any, mib: int) -> dict[str, float]:
     """GB/s per rank: ring send/recv each way, all-gather and all-to-all bus bandwidth."""
-    from .comm import all_gather_into, ring_for
+    from ..comm import all_gather_into, ring_for
 
     world = dist.get_world_size(group)
     n = mib * 2**20 // 2

@@ -16,8 +16,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from . import comm
-from .layout import num_chunks, shard_for_rank, unshard_shards
+from .. import comm
+from ..layout import num_chunks, shard_for_rank, unshard_shards
 from .sdpa_route import RingSDPA, check_route_options
 
 __all__ = ["context_parallel", "context_parallel_unshard"]

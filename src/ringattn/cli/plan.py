@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from .planner import Calibration, Problem, default_calibration_path, load_calibration, plan
+from ..planner import Calibration, Problem, default_calibration_path, load_calibration, plan
 
 __all__ = ["add_parsers", "run_calibrate", "run_plan", "token_count"]
 

@@ -1,4 +1,5 @@
-"""The ``ringattn`` command line: ``demo``, ``bench``, ``plan`` and ``calibrate``."""
+"""The ``ringattn`` command line: ``demo``, ``bench``, ``plan`` and ``calibrate`` (argument
+parsing, progress and tables; the work itself lives in the sibling modules)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from . import plan_cli
+from ..kernels import BACKENDS
+from ..layout import LAYOUTS
+from . import plan as plan_commands
 from .demo import DemoResult, default_config, result_record, run_demo
-from .kernels import BACKENDS
-from .layout import LAYOUTS
 
 
 def _demo_parser(sub: argparse._SubParsersAction) -> None:
@@ -143,7 +144,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def _tokens(text: str) -> tuple[int, ...]:
     """``"4K,8K,131072"`` -> ``(4096, 8192, 131072)``."""
-    return tuple(plan_cli.token_count(item) for item in text.split(",") if item.strip())
+    return tuple(plan_commands.token_count(item) for item in text.split(",") if item.strip())
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -342,16 +343,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
     _bench_parser(sub)
-    plan_cli.add_parsers(sub)
+    plan_commands.add_parsers(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _run_demo(args)
     if args.command == "bench":
         return _run_bench(args)
     if args.command == "plan":
-        return plan_cli.run_plan(args)
+        return plan_commands.run_plan(args)
     if args.command == "calibrate":
-        return plan_cli.run_calibrate(args)
+        return plan_commands.run_calibrate(args)
     parser.error(f"unknown command {args.command}")
     return 2
 
