@@ -23,11 +23,17 @@ The floors cover inputs on which SDPA happens to be nearly exact (tiny shapes): 
 bfloat16 and float16 one machine epsilon (rms) and two (max) of the dtype (bf16 2^-7,
 fp16 2^-10); for float32 1e-5 (~84 eps; results summed in another block order differ from
 SDPA's by up to ~10x its own float32 error on small shapes); for float64 1e-10, summation
-order only. ``L`` is the largest |logit| (scale x q.k) of the inputs, for callers that pass
-it: every log-sum-exp the ring merges carries a rounding of about L x eps(float32), which
-SDPA's single softmax does not (with unit inputs L x eps is ~1e-6, below every floor). All
-of this is far below every deliberate bug in tests/test_mutations.py (a 3% scale, a 5%
-gradient, a dropped block, ...), and that test fails if the rule ever lets one through.
+order only. On large shapes (GPU tests) SDPA's bf16/fp16 rms error is ~eps/3, so there the
+rms floor, not the factor, is what binds. ``L`` is the largest |logit| (scale x q.k) of
+the inputs, for callers that pass it: every log-sum-exp the ring merges carries a rounding
+of about L x eps(float32), which SDPA's single softmax does not (with unit inputs L x eps
+is ~1e-6, below every floor). All of this is far below every deliberate bug in
+tests/test_mutations.py (a 3% scale, a 5% gradient, a dropped block, ...), and that test
+fails if the rule ever lets one through.
+
+A gradient that cancels to almost nothing (dq and dk under near one-hot attention) has no
+meaningful size of its own: callers may pass the largest term it sums (``terms``), and its
+errors are then measured against at least ``CANCELLED x terms``.
 
 The rule never computes attention itself: callers pass the reference (``want``, float64)
 and one-process SDPA's result in the dtype under test (``same``) for the same inputs and the
