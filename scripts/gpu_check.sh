@@ -9,7 +9,11 @@ status=0
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python3 -c 'import torch; print("torch", torch.__version__)'
 
-echo "== correctness: kernels and ring over NCCL on $gpus GPUs"
+echo "== pytest -m gpu: backends, NCCL, CUDA graphs and the Triton merge against float64"
+timeout 900 python3 -m pytest -m gpu -v tests/test_gpu.py 2>&1 | tee "$out/pytest_gpu.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== correctness: kernels and ring over NCCL on $gpus GPUs (the table)"
 timeout 900 python3 -m torch.distributed.run --standalone --nproc-per-node="$gpus" \
     scripts/gpu_check.py --json "$out/gpu_check.json" 2>&1 | tee "$out/gpu_check.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

@@ -27,11 +27,14 @@ def _entry(
     args: tuple,
     results: Any,
     collective_timeout_s: float = COLLECTIVE_TIMEOUT_S,
+    backend: str = "gloo",
 ) -> None:
     torch.set_num_threads(1)
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"file://{init_file}",
             rank=rank,
             world_size=world_size,
@@ -49,9 +52,14 @@ def _entry(
 
 
 def run_ranks(
-    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 300,
+    backend: str = "gloo",
 ) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned Gloo ranks.
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks (Gloo, or NCCL
+    with ``backend="nccl"``: rank r on GPU r).
 
     Returns each rank's result in rank order; raises if a rank failed or did not finish.
     """
@@ -60,7 +68,10 @@ def run_ranks(
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         procs = [
-            ctx.Process(target=_entry, args=(fn, r, world_size, init_file, args, results))
+            ctx.Process(
+                target=_entry,
+                args=(fn, r, world_size, init_file, args, results, COLLECTIVE_TIMEOUT_S, backend),
+            )
             for r in range(world_size)
         ]
         for p in procs:

@@ -330,9 +330,17 @@ def run_style_checks(rank: int, world: int) -> dict:
         got, _ = mha.eval()(local, local, local)
     found["inference"] = _err(got, ringattn.shard(want, mesh, dim=1))
     mha.train()
-    # The module still works after the errors, and SDPA outside it is untouched.
-    out, _ = mha(x, x, x, attn_mask=_causal_mask(8), is_causal=True)
-    found["after_errors"] = out.shape == x.shape
-    q = torch.randn(1, 2, 8, 4, dtype=torch.float64)
-    found["outside"] = _err(F.scaled_dot_product_attention(q, q, q), attention(q, q, q))
+    # The module still works after the errors: causal, on this rank's shard of one sequence,
+    # against the unparallelized module on all of it.
+    with torch.no_grad():
+        want, _ = single.train()(
+            full, full, full, attn_mask=_causal_mask(8 * world), is_causal=True, need_weights=False
+        )
+    out, _ = mha(local, local, local, attn_mask=_causal_mask(8), is_causal=True)
+    found["after_errors"] = _err(out, ringattn.shard(want, mesh, dim=1))
+    # SDPA outside the module is untouched: causal attention on inputs that differ between
+    # ranks, which a route left on would mix across them.
+    q = torch.randn(1, 2, 8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    got = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    found["outside"] = _err(got, attention(q, q, q, causal=True))
     return found

@@ -108,6 +108,6 @@ def test_parallel_style_errors_and_clean_state(style) -> None:
         for name, (exc_type, text) in STYLE_ERRORS.items():
             assert found[name][0] == exc_type and text in found[name][1], (rank, found[name])
             assert found[f"{name}_state"], f"rank {rank}: routing left on after {name}"
-        assert found["after_errors"]
+        assert found["after_errors"] <= TOL
         assert found["inference"] <= TOL
         assert found["outside"] <= TOL

@@ -1,9 +1,11 @@
-"""Independent references: naive attention, and the whole ring simulated in one process.
+"""References: naive attention, and the whole ring simulated in one process.
 
 ``attention`` is plain softmax attention on the full sequence in any dtype (pass float64 for
-a tight reference); autograd gives its gradients. ``simulate_ring`` runs every rank's ring
-work in one process with the same block plans, kernels and merge as the distributed ring,
-forward and backward, so the ring's arithmetic can be checked without processes.
+a tight reference); autograd gives its gradients. It shares nothing with the library: it is
+the independent reference the tests compare against. ``simulate_ring`` runs every rank's
+ring work in one process with the same block plans, kernels and merge as the distributed
+ring, forward and backward, so the ring's arithmetic can be checked without processes; it
+shares those pieces with the library, so it is not an independent reference.
 Not used by the library's hot path.
 """
 

@@ -1,0 +1,229 @@
+"""GPU workers for tests/test_gpu.py (importable by spawned NCCL ranks).
+
+Every result (output, gradients, lse) is compared with float64 attention on the full
+sequence, next to one-GPU SDPA's own error with the same backend and dtype on the same
+inputs; the workers return the measured ``(rms, max)`` errors and the test applies
+tests/judge.py. Sizes: batch 2, 8 query heads, head dim 128, 1024 tokens per rank.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import ringattn
+from ringattn import merge
+from ringattn.reference import attention
+
+from judge import errors
+
+SDPA = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+}
+DTYPES = ("bfloat16", "float16")
+FIELDS = ("out", "dq", "dk", "dv")
+TOKENS_PER_RANK = 1024
+
+
+def _inputs(seed: int, tokens: int, kv: int, dtype: str, batch: int = 2) -> list[torch.Tensor]:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    shapes = [(batch, 8, tokens, 128), (batch, kv, tokens, 128)]
+    return [
+        torch.randn(s, generator=g, device="cuda", dtype=getattr(torch, dtype))
+        for s in (shapes[0], shapes[1], shapes[1], shapes[0])
+    ]
+
+
+def reference(full: list[torch.Tensor], causal: bool) -> dict[str, torch.Tensor]:
+    """float64 attention on the (rounded) full inputs: out, lse and gradients."""
+    q, k, v = (x.double().requires_grad_() for x in full[:3])
+    out, lse = attention(q, k, v, causal=causal, return_lse=True)
+    grads = torch.autograd.grad(out, (q, k, v), full[3].double())
+    return {"out": out.detach(), "lse": lse.detach(), **dict(zip(FIELDS[1:], grads))}
+
+
+def sdpa(backend: str, full: list[torch.Tensor], causal: bool) -> dict[str, torch.Tensor]:
+    """One-GPU SDPA with ``backend`` in the inputs' dtype: out and gradients."""
+    q, k, v = (x.detach().clone().requires_grad_() for x in full[:3])
+    groups = q.size(1) // k.size(1)
+    with sdpa_kernel([SDPA[backend]]):
+        try:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=groups > 1)
+        except RuntimeError:  # this backend's SDPA takes no grouped heads: expand them
+            kk, vv = (x.repeat_interleave(groups, 1) for x in (k, v))
+            out = F.scaled_dot_product_attention(q, kk, vv, is_causal=causal)
+    grads = torch.autograd.grad(out, (q, k, v), full[3])
+    return {"out": out.detach(), **dict(zip(FIELDS[1:], grads))}
+
+
+def measured(got: dict, want: dict, same: dict) -> dict[str, Any]:
+    """Per field: ((rms, max) of ``got``, (rms, max) of SDPA's, or None for lse)."""
+    return {
+        name: (errors(t, want[name]), errors(same[name], want[name]) if name in same else None)
+        for name, t in got.items()
+    }
+
+
+def run_kernels() -> list[dict]:
+    """Each backend's block forward/backward on one GPU (the ring's building block)."""
+    from ringattn import kernels
+
+    rows = []
+    for i, (backend, dtype, causal, kv) in enumerate(
+        itertools.product(SDPA, DTYPES, (True, False), (8, 2))
+    ):
+        full = _inputs(i, 512, kv, dtype)
+        kern = kernels.get_kernel(backend)
+        out, lse, aux = kern.forward(*full[:3], causal=causal, scale=128**-0.5)
+        grads = kern.backward(full[3], *full[:3], out, lse, aux, causal=causal, scale=128**-0.5)
+        got = {"out": out, "lse": lse, **dict(zip(FIELDS[1:], grads))}
+        rows.append(
+            {
+                "id": f"kernel-{backend}-{dtype}-{'causal' if causal else 'full'}-kv{kv}",
+                "dtype": dtype,
+                "fields": measured(got, reference(full, causal), sdpa(backend, full, causal)),
+            }
+        )
+    return rows
+
+
+def _unshard_all(tensors: dict, mesh: object, layout: str) -> dict:
+    return {name: ringattn.unshard(t, mesh, layout=layout) for name, t in tensors.items()}
+
+
+def run_nccl(rank: int, world: int) -> list[dict]:
+    """Over NCCL: the ring for every backend x dtype x causal x layout x GQA, the other
+    strategies, and CUDA-graph replay. Rank 0 returns the measured errors."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    triton_merges = []
+    fused = merge.merge_triton
+
+    def counting(*args):
+        triton_merges.append(1)
+        return fused(*args)
+
+    merge.merge_triton = counting
+    rows: list[dict] = []
+    tokens = TOKENS_PER_RANK * world
+
+    def record(row_id: str, dtype: str, full, causal, backend, got, mesh, layout) -> None:
+        got = _unshard_all(got, mesh, layout)
+        if rank == 0:
+            want, same = reference(full, causal), sdpa(backend, full, causal)
+            rows.append({"id": row_id, "dtype": dtype, "fields": measured(got, want, same)})
+
+    configs = itertools.product(SDPA, DTYPES, (True, False), ("zigzag", "contiguous"), (8, 2))
+    for i, (backend, dtype, causal, layout, kv) in enumerate(configs):
+        full = _inputs(100 + i, tokens, kv, dtype)
+        q, k, v, dout = (ringattn.shard(x, layout=layout).detach().clone() for x in full)
+        leaves = [x.requires_grad_() for x in (q, k, v)]
+        out, lse = ringattn.ring_attention(
+            *leaves, causal=causal, layout=layout, backend=backend, return_lse=True
+        )
+        out.backward(dout)
+        got = {"out": out, "lse": lse, **{n: x.grad for n, x in zip(FIELDS[1:], leaves)}}
+        mask = "causal" if causal else "full"
+        record(
+            f"ring-{backend}-{dtype}-{mask}-{layout}-kv{kv}",
+            dtype,
+            full,
+            causal,
+            backend,
+            got,
+            None,
+            layout,
+        )
+
+    # The other strategies (the hybrid on a (world/2) x 2 mesh), zigzag.
+    strategies = ["allgather", "ulysses"] + (["hybrid"] if world % 2 == 0 else [])
+    mesh2d = init_device_mesh("cuda", (world // 2, 2)) if world % 2 == 0 else None
+    configs = itertools.product(strategies, SDPA, DTYPES, (True, False))
+    for i, (strategy, backend, dtype, causal) in enumerate(configs):
+        mesh = mesh2d if strategy == "hybrid" else None
+        full = _inputs(300 + i, tokens, 2, dtype)
+        q, k, v, dout = (ringattn.shard(x, mesh).detach().clone() for x in full)
+        leaves = [x.requires_grad_() for x in (q, k, v)]
+        out = ringattn.attention(*leaves, mesh, causal=causal, strategy=strategy, backend=backend)
+        out.backward(dout)
+        got = {"out": out, **{n: x.grad for n, x in zip(FIELDS[1:], leaves)}}
+        mask = "causal" if causal else "full"
+        record(
+            f"{strategy}-{backend}-{dtype}-{mask}",
+            dtype,
+            full,
+            causal,
+            backend,
+            got,
+            mesh,
+            "zigzag",
+        )
+
+    # CUDA graphs: one signature called on inputs A, B, A (captured on the first call,
+    # replayed after), every forward before the backwards as in a model's layers.
+    ringattn.set_cuda_graphs(True)
+    try:
+        graph_configs = [
+            ("cudnn", "bfloat16", True, "zigzag", 8),
+            ("flash", "float16", True, "zigzag", 2),
+            ("cudnn", "float16", False, "contiguous", 8),
+        ]
+        for i, (backend, dtype, causal, layout, kv) in enumerate(graph_configs):
+            sets = [_inputs(500 + 2 * i + j, tokens, kv, dtype, batch=1) for j in range(2)]
+            outs, leaves_per_call, douts = [], [], []
+            for full in (sets[0], sets[1], sets[0]):
+                q, k, v, dout = (ringattn.shard(x, layout=layout).detach().clone() for x in full)
+                leaves = [x.requires_grad_() for x in (q, k, v)]
+                outs.append(
+                    ringattn.ring_attention(*leaves, causal=causal, layout=layout, backend=backend)
+                )
+                leaves_per_call.append(leaves)
+                douts.append(dout)
+            torch.autograd.backward(outs, douts)
+            for call, (full, out, leaves) in enumerate(
+                zip((sets[0], sets[1], sets[0]), outs, leaves_per_call)
+            ):
+                got = {"out": out, **{n: x.grad for n, x in zip(FIELDS[1:], leaves)}}
+                mask = "causal" if causal else "full"
+                row_id = f"graphs-{backend}-{dtype}-{mask}-{layout}-kv{kv}-call{call}"
+                record(row_id, dtype, full, causal, backend, got, None, layout)
+    finally:
+        ringattn.set_cuda_graphs(False)
+        merge.merge_triton = fused
+    if rank == 0:
+        rows.append({"id": "triton-merges", "count": len(triton_merges)})
+    return rows if rank == 0 else []
+
+
+def run_triton_merge() -> list[dict]:
+    """The compiled Triton merge on CUDA against the merge computed in float64."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for dtype in ("float32", "bfloat16", "float16"):
+        b, h, s, d = 2, 3, 1000, 72  # rows not a multiple of the block, head dim not a power of 2
+        acc_out = torch.randn(b, h, s, d, generator=g, device="cuda").to(getattr(torch, dtype))
+        acc_lse = torch.randn(b, h, s, generator=g, device="cuda") * 30
+        out = torch.randn(b, h, s, d, generator=g, device="cuda").to(getattr(torch, dtype))
+        lse = torch.randn(b, h, s, generator=g, device="cuda") * 30
+        want_out, want_lse = acc_out.double(), acc_lse.double()
+        merge.merge_eager(want_out, want_lse, out.double(), lse.double())
+        used = merge._use_triton(acc_out, acc_lse, out, lse)
+        merge.merge_into(acc_out, acc_lse, out, lse)
+        rows.append(
+            {
+                "id": f"triton-merge-{dtype}",
+                "dtype": dtype,
+                "triton": used,
+                "fields": {
+                    "out": (errors(acc_out, want_out), None),
+                    "lse": (errors(acc_lse, want_lse), None),
+                },
+            }
+        )
+    return rows

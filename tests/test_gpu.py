@@ -1,0 +1,100 @@
+"""On CUDA GPUs: the fused backends in bfloat16 and float16, the ring and every strategy over
+NCCL, CUDA-graph replay and the compiled Triton merge, against float64 attention.
+
+Run with ``pytest -m gpu`` on a machine with CUDA (the NCCL tests need two GPUs; they use
+up to four). Without CUDA every test here is skipped (tests/conftest.py). Every comparison
+is tests/judge.py's rule: no worse than one-GPU SDPA with the same backend and dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from distributed import run_ranks
+from judge import verdict
+
+pytestmark = pytest.mark.gpu
+
+
+def _failures(rows: list[dict]) -> list[str]:
+    """The rows' fields that fail the judge; with RINGATTN_TEST_JSON set, every verdict is
+    also appended to that file (for reports)."""
+    bad = []
+    log = os.environ.get("RINGATTN_TEST_JSON")
+    for row in rows:
+        for name, (errs, sdpa_errs) in row["fields"].items():
+            # lse and the merge have no SDPA counterpart: float32 lse, the merge's own dtype.
+            dtype = "float32" if name == "lse" else row["dtype"]
+            v = verdict(name, dtype, errs, sdpa_errs or (math.nan, math.nan))
+            if log:
+                with open(log, "a") as f:
+                    f.write(json.dumps({"id": row["id"], **vars(v), "ok": v.ok}) + "\n")
+            if not v.ok:
+                bad.append(f"{row['id']}: {v}")
+    return bad
+
+
+def test_each_backend_block_matches_float64() -> None:
+    from gpu_cases import run_kernels
+
+    rows = run_kernels()
+    assert len(rows) == 24
+    bad = _failures(rows)
+    assert not bad, "\n".join(bad)
+
+
+def test_triton_merge_matches_float64() -> None:
+    from gpu_cases import run_triton_merge
+
+    rows = run_triton_merge()
+    assert all(r["triton"] for r in rows), "the Triton merge did not run"
+    bad = _failures(rows)
+    assert not bad, "\n".join(bad)
+
+
+@pytest.fixture(scope="module")
+def nccl_rows() -> list[dict]:
+    gpus = torch.cuda.device_count()
+    if gpus < 2:
+        pytest.skip(f"NCCL tests need 2 GPUs, found {gpus}")
+    from gpu_cases import run_nccl
+
+    return run_ranks(run_nccl, min(gpus, 4), backend="nccl", timeout=600)[0]
+
+
+def _select(rows: list[dict], prefix: str) -> list[dict]:
+    return [r for r in rows if r["id"].startswith(prefix)]
+
+
+def test_ring_over_nccl_every_backend_and_dtype(nccl_rows) -> None:
+    rows = _select(nccl_rows, "ring-")
+    assert len(rows) == 48
+    bad = _failures(rows)
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("strategy", ["allgather", "ulysses", "hybrid"])
+def test_strategies_over_nccl(nccl_rows, strategy: str) -> None:
+    rows = _select(nccl_rows, f"{strategy}-")
+    if strategy == "hybrid" and not rows:
+        pytest.skip("the hybrid needs an even number of GPUs")
+    assert len(rows) == 12
+    bad = _failures(rows)
+    assert not bad, "\n".join(bad)
+
+
+def test_cuda_graph_replay_matches_float64(nccl_rows) -> None:
+    rows = _select(nccl_rows, "graphs-")
+    assert len(rows) == 9
+    bad = _failures(rows)
+    assert not bad, "\n".join(bad)
+
+
+def test_the_ring_merged_with_the_triton_kernel(nccl_rows) -> None:
+    (row,) = _select(nccl_rows, "triton-merges")
+    assert row["count"] > 0
