@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from . import reference
 from .api import ring_attention, set_cross_rank_check, set_cuda_graphs, shard, unshard
 from .comm import RingCommunicationError
+from .inference import KVCache, decode, prefill
 from .kernels import BACKENDS
 from .layout import LAYOUTS
 from .routing import context_parallel, context_parallel_unshard
@@ -16,6 +17,7 @@ from .strategies import STRATEGIES, attention
 __all__ = [
     "AttentionContextParallel",
     "BACKENDS",
+    "KVCache",
     "LAYOUTS",
     "RingCommunicationError",
     "STRATEGIES",
@@ -23,6 +25,8 @@ __all__ = [
     "attention_context_parallel",
     "context_parallel",
     "context_parallel_unshard",
+    "decode",
+    "prefill",
     "reference",
     "ring_attention",
     "set_cross_rank_check",
