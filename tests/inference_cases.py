@@ -178,10 +178,56 @@ def non_member(rank: int, world: int) -> tuple[str, str]:
     return caught(lambda: ringattn.KVCache(group))
 
 
+def hf_generate(rank: int, world: int, parallel: bool = True) -> dict:
+    """Greedy generation with a tiny Llama: a prompt, then a second turn that continues from
+    the cache with new tokens. ``parallel``: attn_implementation="ringattn" with a RingCache
+    (the prompt and the second turn's new tokens prefilled sharded), else one process with
+    transformers' defaults."""
+    import inspect
+
+    from transformers import AutoModelForCausalLM
+
+    from hf_cases import _config
+
+    torch.manual_seed(0)
+    kwargs = {}
+    if parallel:
+        import ringattn.integrations.transformers as hf
+        from ringattn.integrations.transformers_cache import RingCache
+
+        hf.register()
+        kwargs["attn_implementation"] = "ringattn"
+    model = AutoModelForCausalLM.from_config(_config(), **kwargs).eval()
+    g = torch.Generator().manual_seed(11)
+    prompt = torch.randint(0, 101, (2, 8 * world), generator=g)  # divides into 2N chunks
+    options = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False,
+               "pad_token_id": None, "eos_token_id": None}  # fmt: skip
+    cache = None
+    if parallel:
+        cache = RingCache(model)
+        name = (
+            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        )
+        options[name] = cache
+    with torch.no_grad():
+        first = model.generate(prompt, **options)
+        # The last generated token is not cached yet: with 4N - 1 more, 4N new tokens.
+        more = torch.randint(0, 101, (2, 4 * max(world, 1) - 1), generator=g)
+        second = model.generate(torch.cat([first, more], dim=1), **options)
+    found = {"first": first.tolist(), "second": second.tolist()}
+    if cache is not None:
+        found["lengths"] = cache.layers[0].kv.lengths()
+        found["positions"] = cache.layers[0].kv.positions().tolist()
+        cache.close()
+    return found
+
+
 def all_cases(rank: int, world: int) -> dict:
     """One spawn per world size runs every case (spawning is the slow part)."""
     result = {"correctness": correctness(rank, world), "balance": balance(rank, world)}
     if world > 1:
         result["errors"] = errors(rank, world)
         result["non_member"] = non_member(rank, world)
+    if world == 2:
+        result["hf"] = hf_generate(rank, world)
     return result

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from inference_cases import all_cases
+from inference_cases import all_cases, hf_generate
 from ringattn.inference import choose_prefill_method
 from ringattn.planner import load_calibration
 
@@ -39,6 +39,18 @@ def test_prefill_and_decode_match_attention(world: int) -> None:
     assert len(memory) == 1, memory  # same allocation on every rank
     if world > 1:
         _check_errors(results, world)
+    if world == 2:
+        single = hf_generate(0, 2, parallel=False)
+        for rank, found in enumerate(results):
+            hf = found["hf"]
+            assert hf["first"] == single["first"], (rank, hf["first"], single["first"])
+            assert hf["second"] == single["second"], (rank, hf["second"], single["second"])
+            # Both turns were prefilled sharded: each rank holds half of 16 + 5 + 8 + 5 tokens.
+            assert hf["lengths"] == [17, 17], hf["lengths"]
+            zigzag = [[0, 1, 2, 3, 12, 13, 14, 15], [4, 5, 6, 7, 8, 9, 10, 11]][rank]
+            assert hf["positions"][:8] == zigzag, hf["positions"]
+            second_turn = [[21, 22, 27, 28], [23, 24, 25, 26]][rank]  # 8 new tokens from 21
+            assert second_turn[0] in hf["positions"] and second_turn[-1] in hf["positions"]
 
 
 def _check_errors(results: list[dict], world: int) -> None:
