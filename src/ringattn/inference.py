@@ -70,7 +70,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import comm
-from .kernels import BACKENDS, Kernel, accumulation_dtype, select_kernel
+from .kernels import BACKENDS, Kernel, accumulation_dtype, get_kernel, select_kernel
 from .layout import chunk_ids, ring_plan
 from .merge import merge_into
 from .ring import RingAttentionFunction, RingCall
@@ -521,8 +521,8 @@ def _select_cached(backend: str, q: Tensor, k: Tensor, v: Tensor, causal: bool) 
     key = (backend, q.shape, k.shape, q.dtype, q.device, causal, k.stride(-1), q.stride(-1))
     found = _KERNELS.get(key)
     if found is None:
-        if backend == "auto" and q.device.type == "cuda" and not causal:
-            # Short query blocks against long caches: flash first (its split-K decode path).
+        if backend == "auto" and q.device.type == "cuda" and not causal and q.size(2) <= 256:
+            # A few query rows against a long cache: flash first (its split-K decode path).
             try:
                 found = select_kernel("flash", q, k, v, causal)
             except ValueError:
@@ -968,12 +968,10 @@ def decode(
                         "the cache's device-side counters are stale: run one decode with "
                         "static=True before capturing, or use ringattn.inference.DecodeGraph",
                     )
-                kernels = (None, _select(backend, qt, kt, vt, True))
+                kernels = (None, get_kernel("math"))
             else:
-                kernels = (
-                    _cache_kernel(backend, qt, kt, kv_cache),
-                    _select(backend, qt, kt, vt, True),
-                )
+                # The new tokens among themselves: a T x T block, in plain float32 ops.
+                kernels = (_cache_kernel(backend, qt, kt, kv_cache), get_kernel("math"))
             if check == "inputs" and not capturing and world > 1:
                 sums = (_checksum(qt), _checksum(kt), _checksum(vt))
         except _Rejected as err:
@@ -1083,6 +1081,10 @@ def _decode_eager(
     return result
 
 
+# Whether the memory-efficient kernel took a broadcast bias here (None: not tried yet).
+_EFFICIENT_BIAS: bool | None = None
+
+
 def _masked_partial(q: Tensor, cache: KVCache, scale: float) -> tuple[Tensor, Tensor]:
     """Attention of ``q`` over the whole capacity with slots at or past the device-side
     length masked: static shapes, no host sync. ``(out [B,H,T,D], lse [B,H,T])`` in the
@@ -1094,17 +1096,27 @@ def _masked_partial(q: Tensor, cache: KVCache, scale: float) -> tuple[Tensor, Te
     slots = torch.arange(cache.k.size(2), device=q.device)
     visible = slots < cache._counters[0]
     dtype = accumulation_dtype(q.dtype)
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.size(3) % 8 == 0:
-        # The memory-efficient kernel takes an additive bias and returns the lse; the bias
-        # row broadcasts over heads and query rows.
-        bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
-        bias.masked_fill_(~visible, float("-inf"))
-        bias = bias.expand(qf.size(0), kv_heads, qf.size(2), -1)
-        out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
-            qf, cache.k, cache.v, bias, True, 0.0, False, scale=scale
-        )
-        lse = lse[:, :, : qf.size(2)]
-        return _unfold(out, h).to(dtype), _unfold(lse, h).to(dtype)
+    global _EFFICIENT_BIAS
+    capturing = torch.cuda.is_current_stream_capturing() if q.is_cuda else False
+    fused = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.size(3) % 8 == 0
+    # The fused path is tried outside a capture first; a capture uses it only once it ran.
+    if fused and (_EFFICIENT_BIAS or (_EFFICIENT_BIAS is None and not capturing)):
+        try:
+            # The memory-efficient kernel takes an additive bias and returns the lse; the
+            # bias row broadcasts over heads and query rows.
+            bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
+            bias.masked_fill_(~visible, float("-inf"))
+            bias = bias.expand(qf.size(0), kv_heads, qf.size(2), -1)
+            out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+                qf, cache.k, cache.v, bias, True, 0.0, False, scale=scale
+            )
+            _EFFICIENT_BIAS = True
+            lse = lse[:, :, : qf.size(2)]
+            return _unfold(out, h).to(dtype), _unfold(lse, h).to(dtype)
+        except RuntimeError:
+            if capturing:
+                raise
+            _EFFICIENT_BIAS = False
     s = torch.matmul(qf.to(dtype), cache.k.to(dtype).transpose(-1, -2)) * scale
     s = s.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
@@ -1178,7 +1190,7 @@ class DecodeGraph:
             cache._reserve(k, self.tokens)
         cache._sync_device_counters()
         comm.host_group(cache.group)  # made now: no group is created while capturing
-        kernel = select_kernel(backend, q, k, v, True)
+        kernel = get_kernel("math")
         scale_value = 1.0 / math.sqrt(q.size(3)) if scale is None else float(scale)
         # Warm up on a side stream (kernels, NCCL) without storing anything.
         stream = torch.cuda.Stream()
