@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -57,7 +58,7 @@ def parse_args() -> argparse.Namespace:
 
 def tokens(text: str) -> list[int]:
     out = []
-    for item in text.split(","):
+    for item in filter(None, text.split(",")):
         item = item.strip().upper()
         scale = {"K": 1024, "M": 1024 * 1024}.get(item[-1], 1)
         out.append(int(float(item.rstrip("KM")) * scale))
@@ -373,7 +374,7 @@ def report(data: dict) -> str:
         name = f"{c // 2**20}M" if c >= 2**20 else f"{c // 1024}K"
         out.append(f"| {name} | {ms(r['one_gpu_ms'])} | {r['eager_check_none_ms']:.3f} | "
                    f"{r['eager_check_shapes_ms']:.3f} | {r['eager_check_inputs_ms']:.3f} | "
-                   f"{ms(r.get('cuda_graph_ms'))} |")  # fmt: skip
+                   f"{ms(r['cuda_graph_ms']) if 'cuda_graph_ms' in r else '-'} |")  # fmt: skip
     return "\n".join(out) + "\n"
 
 
@@ -388,12 +389,16 @@ def main() -> None:
         args.prefill, args.cached, args.decode = "2K", "2K", "4K"
         args.decode_steps, args.iters = 4, 1
     data: dict = {
+        "command": " ".join(sys.argv[1:]),
         "world": b.world,
         "device": torch.cuda.get_device_name() if b.cuda else "cpu",
         "torch": torch.__version__,
         "dtype": str(b.dtype),
     }
+    from ringattn import inference
+
     data["correctness"] = correctness(b)
+    data["static_decode_fused"] = inference._EFFICIENT_BIAS
     if b.rank == 0:
         print("correctness", json.dumps(data["correctness"])[:2000], flush=True)
     data["prefill"] = prefill_section(b, tokens(args.prefill), args.iters)

@@ -18,6 +18,7 @@ splits into 2N equal chunks is prefilled sharded; any other length runs replicat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
@@ -114,13 +115,24 @@ def main() -> None:
     model.eval()
     prompt = torch.randint(0, args.vocab, (args.batch, args.prompt_len), device=device)
     timer = ForwardTimer(model, device)
-    kwargs: dict = {"max_new_tokens": args.new_tokens, "do_sample": False, "min_new_tokens":
-                    args.new_tokens, "pad_token_id": None, "eos_token_id": None}  # fmt: skip
+    # transformers 5 names the argument `cache`; older releases `past_key_values`.
+    cache_arg = (
+        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    )
+
+    def options(new_tokens: int, cache: RingCache | None) -> dict:
+        found = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
+                 "pad_token_id": None, "eos_token_id": None}  # fmt: skip
+        if cache is not None:
+            found[cache_arg] = cache
+        return found
+
+    # Warm-up (kernel plans, communicators, compiled merges) on a short prompt, not timed.
+    with torch.no_grad(), RingCache(model) if ringattn else contextlib.nullcontext() as warm:
+        model.generate(prompt[:, : 256 * world], **options(2, warm))
+    timer.times.clear()
     cache = RingCache(model) if ringattn else None
-    if cache is not None:
-        # transformers 5 names the argument `cache`; older releases `past_key_values`.
-        names = inspect.signature(model.forward).parameters
-        kwargs["cache" if "cache" in names else "past_key_values"] = cache
+    kwargs = options(args.new_tokens, cache)
     record: dict = {
         "attention": args.attention,
         "ranks": world,

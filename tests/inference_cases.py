@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 import ringattn
+from ringattn import inference
 from ringattn.inference import decode, prefill
 from ringattn.layout import shard_for_rank
 from ringattn.reference import attention
@@ -102,10 +103,13 @@ def correctness(rank: int, world: int) -> dict:
     found["float32-cpu"] = run_script(
         rank, world, script(world), seed=7, shape=SHAPES[0], dtype=torch.float32, backend="cpu"
     )
-    # The graph-capturable decode path (device-side lengths over the whole capacity).
+    # The graph-capturable decode path (device-side lengths over the whole capacity), its
+    # capacity attended in chunks of 256 slots (split-K) merged by log-sum-exp.
+    chunk, inference._MAX_CHUNK = inference._MAX_CHUNK, 256
     found["static-decode"] = run_script(
-        rank, world, script(world), seed=8, shape=SHAPES[0], static=True, capacity=64
+        rank, world, script(world), seed=8, shape=SHAPES[0], static=True, capacity=1000
     )
+    inference._MAX_CHUNK = chunk
     # Decoding from an empty cache: every step is a decode (T > 1 first, as a replicated prompt).
     found["decode-only"] = run_script(
         rank, world, [("decode", 5), ("decode", 1), ("decode", 2), ("prefill", 2 * world)],

@@ -95,6 +95,10 @@ _DEVICE_TYPES = ("cpu", "cuda")
 # Geometric growth of the cache buffers, and the smallest allocation.
 _GROWTH = 2.0
 _MIN_SLOTS = 64
+_SLOT_BLOCK = 256
+# The static decode attends the capacity in chunks of at most this many slots, each a
+# separate kernel row block (split-K), so a single new token still fills the GPU.
+_MAX_CHUNK = 4096
 
 
 # ----------------------------------------------------------------------------- placement
@@ -252,7 +256,9 @@ class KVCache:
             slots = max(need, self.capacity_hint or 0, _MIN_SLOTS)
         else:
             slots = max(need, int(self.k.size(2) * _GROWTH))
-        slots = -(-slots // 16) * 16  # aligned rows keep fused kernels on their fast paths
+        # Whole blocks of 256 slots: fused kernels stay on their aligned paths, and the
+        # static decode splits the capacity into equal chunks.
+        slots = -(-slots // _SLOT_BLOCK) * _SLOT_BLOCK
         # Zeros: the static decode reads every slot (masked), and 0 * NaN garbage is NaN.
         k = torch.zeros(b, hkv, slots, d, dtype=like.dtype, device=like.device)
         v = torch.zeros_like(k)
@@ -1102,27 +1108,78 @@ def _masked_partial(q: Tensor, cache: KVCache, scale: float) -> tuple[Tensor, Te
     # The fused path is tried outside a capture first; a capture uses it only once it ran.
     if fused and (_EFFICIENT_BIAS or (_EFFICIENT_BIAS is None and not capturing)):
         try:
-            # The memory-efficient kernel takes an additive bias and returns the lse; the
-            # bias row broadcasts over heads and query rows.
-            bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
-            bias.masked_fill_(~visible, float("-inf"))
-            bias = bias.expand(qf.size(0), kv_heads, qf.size(2), -1)
-            out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
-                qf, cache.k, cache.v, bias, True, 0.0, False, scale=scale
-            )
+            out, lse = _chunked_partial(qf, cache, visible, scale)
             _EFFICIENT_BIAS = True
-            lse = lse[:, :, : qf.size(2)]
             return _unfold(out, h).to(dtype), _unfold(lse, h).to(dtype)
         except RuntimeError:
             if capturing:
                 raise
             _EFFICIENT_BIAS = False
-    s = torch.matmul(qf.to(dtype), cache.k.to(dtype).transpose(-1, -2)) * scale
-    s = s.masked_fill(~visible, float("-inf"))
+    out, lse = _chunked_partial(qf, cache, visible, scale, fused=False)
+    return _unfold(out, h), _unfold(lse, h)
+
+
+def _chunk_size(capacity: int) -> int:
+    """The largest multiple of the slot block dividing ``capacity``, at most _MAX_CHUNK."""
+    units = capacity // _SLOT_BLOCK
+    best = 1
+    for k in range(1, _MAX_CHUNK // _SLOT_BLOCK + 1):
+        if units % k == 0:
+            best = k
+    return best * _SLOT_BLOCK if capacity % _SLOT_BLOCK == 0 else capacity
+
+
+def _merge_parts(outs: Tensor, lses: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Merge partial results along ``dim`` (of the lse) by log-sum-exp; parts that saw
+    nothing (lse = -inf) add nothing, and rows where every part saw nothing give 0, -inf."""
+    top = lses.amax(dim=dim, keepdim=True)
+    top = top.masked_fill(top == float("-inf"), 0.0)
+    weights = torch.exp(lses - top)
+    total = weights.sum(dim=dim, keepdim=True)
+    out = (outs * weights.unsqueeze(-1)).sum(dim=dim) / total.clamp_min(1e-30).unsqueeze(
+        -1
+    ).squeeze(dim)
+    return out, (torch.log(total) + top).squeeze(dim)
+
+
+def _biased_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float):
+    """``(out, lse)`` of attention with an additive bias, in plain ops (accumulation dtype)."""
+    dtype = accumulation_dtype(q.dtype)
+    s = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale + bias.to(dtype)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0).unsqueeze(-1))
-    out = torch.matmul(p, cache.v.to(dtype))
-    return _unfold(out, h), _unfold(lse, h)
+    return torch.matmul(p, v.to(dtype)), lse
+
+
+def _chunked_partial(
+    qf: Tensor, cache: KVCache, visible: Tensor, scale: float, *, fused: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Split-K attention of folded queries ``[B, H_kv, R, D]`` over the whole capacity.
+
+    The capacity is cut into n equal chunks seen as n times as many heads (a view of the
+    buffers); the memory-efficient kernel (``fused``, CUDA; plain ops otherwise) attends
+    every chunk with an additive bias that masks the unused slots, and the chunks merge by
+    log-sum-exp. Static shapes throughout: capturable in a CUDA graph."""
+    assert cache.k is not None and cache.v is not None
+    b, kv_heads, rows, d = qf.shape
+    capacity = cache.k.size(2)
+    chunk = _chunk_size(capacity)
+    n = capacity // chunk
+    k = cache.k.view(b, kv_heads * n, chunk, d)
+    v = cache.v.view(b, kv_heads * n, chunk, d)
+    q = qf.unsqueeze(2).expand(b, kv_heads, n, rows, d).reshape(b, kv_heads * n, rows, d)
+    bias = torch.zeros(n, chunk, dtype=qf.dtype, device=qf.device)
+    bias.masked_fill_(~visible.view(n, chunk), float("-inf"))
+    bias = bias.repeat(kv_heads, 1).view(1, kv_heads * n, 1, chunk).expand(b, -1, rows, -1)
+    if fused:
+        out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, bias, True, 0.0, False, scale=scale
+        )
+    else:  # the same arithmetic in plain ops (CPU, float64, or a kernel that refused)
+        out, lse = _biased_attention(q, k, v, bias, scale)
+    lse = lse[:, :, :rows].reshape(b, kv_heads, n, rows).to(accumulation_dtype(qf.dtype))
+    out = out.reshape(b, kv_heads, n, rows, d).to(lse.dtype)
+    return _merge_parts(out, lse, dim=2)
 
 
 def _decode_static(
