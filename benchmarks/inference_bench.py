@@ -119,15 +119,14 @@ class Bench:
         return torch.randn(*shape, device=self.device, dtype=dtype or self.dtype)
 
 
-def rewind(cache: ringattn.KVCache, state: tuple[int, int, int]) -> None:
+def rewind(cache: ringattn.KVCache, state: tuple[int, int, list]) -> None:
     """Forget what was stored after ``state`` (the slots are simply reused)."""
-    cache.length, cache.total = state[0], state[1]
-    del cache.segments[state[2] :]
+    cache.length, cache.total, cache.segments = state[0], state[1], list(state[2])
     cache._counters_stale = True
 
 
-def snapshot(cache: ringattn.KVCache) -> tuple[int, int, int]:
-    return cache.length, cache.total, len(cache.segments)
+def snapshot(cache: ringattn.KVCache) -> tuple[int, int, list]:
+    return cache.length, cache.total, list(cache.segments)
 
 
 def errors(got: torch.Tensor, want: torch.Tensor) -> dict:

@@ -115,6 +115,13 @@ def correctness(rank: int, world: int) -> dict:
         rank, world, [("decode", 5), ("decode", 1), ("decode", 2), ("prefill", 2 * world)],
         seed=9, shape=SHAPES[0],
     )  # fmt: skip
+    # A first decode token lands on rank 0 alone; the prompt after it meets a cache that the
+    # other ranks do not hold any of yet.
+    for method in ("pass_kv", "pass_q"):
+        found[f"lonely-{method}"] = run_script(
+            rank, world, [("decode", 1), ("prefill", 2 * world), ("decode", 1)], seed=12,
+            shape=SHAPES[1], method=method,
+        )  # fmt: skip
     return found
 
 

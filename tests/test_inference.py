@@ -31,7 +31,7 @@ def test_prefill_and_decode_match_attention(world: int) -> None:
     for rank, found in enumerate(results):
         for name, errors in found["correctness"].items():
             tol = F32_TOL if name.startswith("float32") else F64_TOL
-            assert len(errors) >= 4 and max(errors) <= tol, (rank, name, errors)
+            assert len(errors) >= 3 and max(errors) <= tol, (rank, name, errors)
         balance = found["balance"]
         lengths = balance["lengths"]
         assert lengths[rank] == balance["length"]

@@ -229,8 +229,7 @@ class KVCache:
             return
         length, total = (int(x) for x in self._counters.tolist())
         if total > self.total:
-            self.segments.append(Segment("decode", self.total, total - self.total))
-        self.length, self.total = length, total
+            self._record(Segment("decode", self.total, total - self.total), length - self.length)
 
     def __repr__(self) -> str:
         return (
@@ -270,6 +269,24 @@ class KVCache:
             self._counters = torch.zeros(2, dtype=torch.int64, device=like.device)
         self._counters_stale = True
 
+    def _record(self, segment: Segment, stored: int) -> None:
+        """Account for ``segment`` (``stored`` of its tokens on this rank) on the host.
+
+        Consecutive decode calls extend one segment, so the record stays short over a
+        long generation."""
+        last = self.segments[-1] if self.segments else None
+        if (
+            segment.kind == "decode"
+            and last is not None
+            and last.kind == "decode"
+            and last.start + last.count == segment.start
+        ):
+            self.segments[-1] = Segment("decode", last.start, last.count + segment.count)
+        else:
+            self.segments.append(segment)
+        self.length += stored
+        self.total += segment.count
+
     def _append(self, k: Tensor, v: Tensor, segment: Segment) -> None:
         """Store this rank's part of ``segment`` (``k``/``v`` hold exactly that part)."""
         n = k.size(2)
@@ -277,9 +294,7 @@ class KVCache:
         assert self.k is not None and self.v is not None
         self.k[:, :, self.length : self.length + n].copy_(k)
         self.v[:, :, self.length : self.length + n].copy_(v)
-        self.length += n
-        self.total += segment.count
-        self.segments.append(segment)
+        self._record(segment, n)
         self._counters_stale = True
 
     def _sync_device_counters(self) -> None:
@@ -723,9 +738,8 @@ def prefill(
             causal_kernel = _select(backend, qt, kt, vt, True)  # type: ignore[arg-type]
             cache_kernel = None
             if kv_cache.total:
-                ks = kv_cache.keys()
-                assert ks is not None
-                probe = ks if ks.size(2) else kt
+                ks = kv_cache.keys()  # None where this rank stores nothing yet
+                probe = ks if ks is not None and ks.size(2) else kt
                 cache_kernel = _select(backend, qt, probe, probe, False)  # type: ignore[arg-type]
             kernels = (causal_kernel, cache_kernel)
             plan_method = _prefill_method(method, qt, kt, kv_cache, world, backend)
@@ -791,6 +805,8 @@ def _prefill(
         scale=scale,
     )
     out, lse = RingAttentionFunction.apply(q, k, v, call)
+    # Buffers on every rank (also one that holds nothing yet), with room for the new tokens.
+    cache._reserve(k, k.size(2))
     if cache.total and cache_kernel is not None:
         acc = out.to(accumulation_dtype(q.dtype))
         lse = lse.clone()
@@ -818,7 +834,7 @@ def _cached_pass_kv(
 ) -> None:
     """Every rank's cache shard travels the ring; the local queries meet each in turn."""
     kc, vc = cache.keys(), cache.values()
-    assert kc is not None and vc is not None
+    assert kc is not None and vc is not None  # reserved by _prefill
     cur = (kc.contiguous(), vc.contiguous())
     ring = comm.ring_for(cache.group) if world > 1 else None
     for step in range(world):
@@ -1081,8 +1097,7 @@ def _decode_eager(
     if first < t:
         cache._append(k[:, :, first :: cache.world], v[:, :, first :: cache.world], segment)
     else:
-        cache.total += t
-        cache.segments.append(segment)
+        cache._record(segment, 0)
         cache._counters_stale = True
     return result
 
@@ -1208,11 +1223,8 @@ def _decode_static(
         cache._counters.add_(torch.stack([owned, torch.full_like(owned, t)]))
         # Host mirror (exact: the placement rule is known); stale under graph replay,
         # which DecodeGraph accounts for.
-        first = (rank - cache.total) % world
-        mine_host = max(0, (t - first + world - 1) // world)
-        cache.segments.append(Segment("decode", cache.total, t))
-        cache.length += mine_host
-        cache.total += t
+        segment = Segment("decode", cache.total, t)
+        cache._record(segment, segment.length(rank, world))
     return result
 
 
@@ -1256,14 +1268,14 @@ class DecodeGraph:
             for _ in range(2):
                 _decode_static(self.q, self.k, self.v, cache, scale_value, kernel, store=False)
         torch.cuda.current_stream().wait_stream(stream)
-        saved = (cache.length, cache.total, len(cache.segments))
+        saved = (cache.length, cache.total, list(cache.segments))
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.out = decode(
                 self.q, self.k, self.v, cache, scale=scale, backend=backend, static=True
             )
         cache.length, cache.total = saved[0], saved[1]
-        del cache.segments[saved[2] :]
+        cache.segments = saved[2]
         self._buffers = (cache.k.data_ptr(), cache.v.data_ptr())  # type: ignore[union-attr]
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -1280,9 +1292,6 @@ class DecodeGraph:
         self.k.copy_(k)
         self.v.copy_(v)
         self.graph.replay()
-        t, world = self.tokens, cache.world
-        first = (cache.rank - cache.total) % world
-        cache.segments.append(Segment("decode", cache.total, t))
-        cache.length += max(0, (t - first + world - 1) // world)
-        cache.total += t
+        segment = Segment("decode", cache.total, self.tokens)
+        cache._record(segment, segment.length(cache.rank, cache.world))
         return self.out.clone()
