@@ -10,6 +10,7 @@ from . import reference
 from .api import ring_attention, set_cross_rank_check, set_cuda_graphs, shard, unshard
 from .comm import RingCommunicationError
 from .integrations.routing import context_parallel, context_parallel_unshard
+from .inference import KVCache, decode, prefill
 from .kernels import BACKENDS
 from .layout import LAYOUTS
 from .strategies import STRATEGIES, attention
@@ -17,6 +18,7 @@ from .strategies import STRATEGIES, attention
 __all__ = [
     "AttentionContextParallel",
     "BACKENDS",
+    "KVCache",
     "LAYOUTS",
     "RingCommunicationError",
     "STRATEGIES",
@@ -24,6 +26,8 @@ __all__ = [
     "attention_context_parallel",
     "context_parallel",
     "context_parallel_unshard",
+    "decode",
+    "prefill",
     "reference",
     "ring_attention",
     "set_cross_rank_check",

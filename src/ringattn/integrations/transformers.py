@@ -15,6 +15,7 @@ global token count so that every rank's loss is its share of the global mean.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -63,6 +64,11 @@ def _attention(
         )
     if kwargs.get("output_attentions"):
         raise ValueError(f"{where}: output_attentions is not supported (no weights are formed)")
+    # Inference with a RingCache: its update just handed over these K/V.
+    cache_module = sys.modules.get("ringattn.integrations.transformers_cache")
+    layer = cache_module.take_pending(key) if cache_module is not None else None
+    if layer is not None:
+        return layer.attend(query, key, value, scaling).transpose(1, 2).contiguous(), None
     causal = is_causal if is_causal is not None else bool(getattr(module, "is_causal", True))
     out = ring_attention(
         query, key, value, group, causal=causal, scale=scaling, layout=layout, backend=backend
