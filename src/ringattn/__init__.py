@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 from . import reference
 from .api import ring_attention, set_cross_rank_check, set_cuda_graphs, shard, unshard
 from .comm import RingCommunicationError
-from .integrations.routing import context_parallel, context_parallel_unshard
 from .inference import KVCache, decode, prefill
+from .integrations.routing import context_parallel, context_parallel_unshard
 from .kernels import BACKENDS
 from .layout import LAYOUTS
 from .strategies import STRATEGIES, attention
