@@ -13,7 +13,13 @@ import pytest
 import torch
 
 import ringattn
-from mask_cases import make_cases, reference_attention, reference_mask, run_mask_cases
+from mask_cases import (
+    fuzz_cases,
+    make_cases,
+    reference_attention,
+    reference_mask,
+    run_mask_cases,
+)
 from ringattn import masked_kernels
 from ringattn.balance import balanced_placement, layout_placement
 from ringattn.mask_plan import ring_plans
@@ -22,15 +28,23 @@ from ringattn.masks import MaskSpec, PairMask
 from distributed import run_ranks
 
 WORLDS = {1: False, 2: False, 3: False, 4: True}  # world -> 2-D (2 x 2) mesh
-CASES = {1: 24, 2: 36, 3: 30, 4: 36}
+RANDOM = {1: 12, 2: 22, 3: 18, 4: 20}  # seeded random cases per world
+FUZZ = {1: 6, 2: 10, 3: 8, 4: 10}  # Hypothesis-drawn cases per world
+CASES = {w: RANDOM[w] + FUZZ[w] for w in WORLDS}
+
+
+def _cases(world: int) -> list[dict]:
+    two_d = WORLDS[world]
+    return make_cases(world, two_d, RANDOM[world], seed=world) + fuzz_cases(
+        world, two_d, FUZZ[world]
+    )
 
 
 @pytest.fixture(scope="module")
 def spawned() -> dict[int, list[list[dict]]]:
+    # One spawn per world size runs every case (starting ranks is the slow part).
     return {
-        world: run_ranks(
-            run_mask_cases, world, two_d, make_cases(world, two_d, CASES[world], seed=world)
-        )
+        world: run_ranks(run_mask_cases, world, two_d, _cases(world))
         for world, two_d in WORLDS.items()
     }
 
@@ -59,7 +73,8 @@ def test_bad_mask_arguments_raise_on_every_rank(spawned, world: int) -> None:
 
 
 def test_the_cases_cover_what_they_are_for() -> None:
-    cases = [c for w, two_d in WORLDS.items() for c in make_cases(w, two_d, CASES[w], seed=w)]
+    cases = [c for w in WORLDS for c in _cases(w)]
+    assert all(len(_cases(w)) == CASES[w] for w in WORLDS)
     assert {c["entry"] for c in cases} >= {
         "ring_attention",
         "attention:ring",
