@@ -319,3 +319,22 @@ def test_reference_attention_zeroes_rows_that_see_nothing() -> None:
     out.sum().backward()
     assert torch.equal(out[0, 0, 1], torch.zeros(4, dtype=torch.float64))
     assert lse[0, 0, 1] == -math.inf and torch.isfinite(q.grad).all()
+
+
+def test_the_planner_prices_masked_work() -> None:
+    from ringattn.mask_plan import density
+    from ringattn.planner import Problem, load_calibration, plan
+
+    cal = load_calibration(device_type="cuda")
+    base = Problem(gpus=4, seq_len=131072, heads=32, kv_heads=8, head_dim=128)
+    window = MaskSpec.build(None, True, (4095, 0), None, 131072)
+    share = density(window)
+    assert 0.05 < share < 0.07  # 4K of 128K keys per row, against the causal half
+    masked = Problem(**{**base.__dict__, "density": share, "ring_steps": 2})
+    rows = {r.strategy: r for r in plan(base, cal)}
+    masked_rows = {r.strategy: r for r in plan(masked, cal)}
+    for name, row in rows.items():
+        assert masked_rows[name].compute_ms == pytest.approx(row.compute_ms * share, rel=0.02)
+    assert masked_rows["ring"].exposed_comm_ms <= rows["ring"].exposed_comm_ms
+    with pytest.raises(ValueError, match="density"):
+        plan(Problem(**{**base.__dict__, "density": 1.5}), cal)
