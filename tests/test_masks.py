@@ -114,7 +114,10 @@ def test_balanced_layout_is_within_five_percent(world: int) -> None:
     for s in (65536, 262144):
         for _ in range(3):
             docs = ringattn.Documents.from_lengths(_heavy_tailed(rnd, s))
+            # One layout for causal, bidirectional and windowed layers.
             assert ringattn.layout_imbalance(docs, world) <= 1.05
+            assert ringattn.layout_imbalance(docs, world, causal=False) <= 1.05
+            assert ringattn.layout_imbalance(docs, world, window=(4095, 0)) <= 1.05
             placement = balanced_placement(docs, world)
             assert {len(i) for i in placement.ids} == {len(placement.ids[0])}  # equal tokens
             assert sorted(c for i in placement.ids for c in i) == list(

@@ -100,7 +100,10 @@ def check_masked(
     call = checked_call(group, q, k, v, causal, scale, check_layout, backend, return_lse, mask=mask)
     if mask.spec is None:  # a cached call: validate ran for an identical call before
         assert isinstance(q, Tensor) and isinstance(k, Tensor)
-        mask.validate(q, k, comm.group_facts(group)[1])
+        try:
+            mask.validate(q, k, comm.group_facts(group)[1])
+        except MaskArgumentError as err:
+            raise err.exc_type(f"ring_attention: {err.message}") from None
     assert mask.spec is not None
     return call, mask.spec
 
