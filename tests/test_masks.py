@@ -90,7 +90,7 @@ def test_the_cases_cover_what_they_are_for() -> None:
         "attention_mask",
         "none",
     }
-    assert {c["mask_mod"] for c in cases} >= {None, "prefix_lm", "odd_heads", "batch_gap"}
+    assert {c["mask_mod"] for c in cases} >= {None, "prefix_lm", "odd_heads", "batch_gap", "block7"}
     assert {str(c["window"]) for c in cases} >= {"None", "(0, 0)", "(100, 100)", "(-1, 2)"}
     assert {c["causal"] for c in cases} == {True, False}
     assert any(c["kv_heads"] < c["heads"] for c in cases)

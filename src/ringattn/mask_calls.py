@@ -71,7 +71,7 @@ class MaskArguments:
                     ValueError,
                     f"documents describe {docs.batch_size} batch rows but q has {q.size(0)}",
                 )
-        spec.probe_mask_mod(q.size(0), q.size(1))
+        spec.probe_mask_mod(q.size(0), q.size(1), q.device)
         self.spec = spec
 
 
