@@ -160,11 +160,14 @@ def test_ring_plan_computes_every_visible_pair_once_and_skips_empty_ones(world: 
             if docs is not None
             else layout_placement(s, world, layout)
         )
-        plans = ring_plans(spec, placement, "math")
         seen = torch.zeros(docs.rows if docs is not None else 1, s, s, dtype=torch.long)
         for rank in range(world):
+            plans = ring_plans(spec, placement, "math", rank)
+            nxt = ring_plans(spec, placement, "math", (rank + 1) % world)
+            assert plans.steps == nxt.steps  # every rank runs the same number of steps
+            assert (plans.next_last_plan is None) == (nxt.plans[-1] is None)
             qpos = placement.positions(rank)
-            for step, plan in enumerate(plans.plans[rank]):
+            for step, plan in enumerate(plans.plans):
                 source = (rank - step) % world
                 kpos = placement.positions(source)
                 pair = PairMask.build(spec, qpos, kpos)
@@ -204,8 +207,9 @@ def test_a_window_reaches_only_its_neighbours() -> None:
     world, s = 8, 8 * 64
     for w, reach in ((0, 0), (1, 1), (63, 1), (64, 1), (65, 2), (130, 3), (1000, 7)):
         spec = MaskSpec.build(None, True, (w, 0), None, s)
-        plans = ring_plans(spec, layout_placement(s, world, "contiguous"), "math")
-        assert plans.steps == reach + 1, (w, plans.steps)
+        for rank in range(world):
+            plans = ring_plans(spec, layout_placement(s, world, "contiguous"), "math", rank)
+            assert plans.steps == reach + 1, (w, rank, plans.steps)
 
 
 def test_merge_adds_nothing_for_rows_that_see_nothing() -> None:

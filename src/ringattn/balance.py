@@ -134,7 +134,7 @@ def layout_imbalance(
     return float(work.max()) / mean if mean > 0 else 1.0
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=8)  # a batch's documents, reused by every layer
 def balanced_placement(documents: Documents, world_size: int) -> Placement:
     """The work-balanced placement of ``documents`` over ``world_size`` ranks (cached).
 

@@ -118,14 +118,13 @@ def masked_call(
     head_offset: int = 0,
 ) -> RingCall:
     """``base`` (checked: ring, kernel, scale) with the masked plans of ``rank``."""
-    plans = ring_plans(spec, placement, masked_kernel_for(device, backend), head_offset)
-    mine, next_last = plans.for_rank(rank)
+    plans = ring_plans(spec, placement, masked_kernel_for(device, backend), rank, head_offset)
     return RingCall(
-        ring=base.ring if len(mine) > 1 else None,
-        plans=mine,
+        ring=base.ring if plans.steps > 1 else None,
+        plans=plans.plans,
         kernel=base.kernel,
         scale=base.scale,
-        next_last_plan=next_last,
+        next_last_plan=plans.next_last_plan,
     )
 
 
