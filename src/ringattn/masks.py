@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -489,13 +488,3 @@ class PairMask:
         rows_per_tile[-1] = sq - (nq - 1) * tile
         full = count(f_lo, f_hi) == rows_per_tile.view(1, nq, 1)
         return touched, full & touched
-
-
-def describe_keys(spec: MaskSpec) -> dict[str, Any]:
-    """A readable summary of ``spec`` (for logs and error messages)."""
-    return {
-        "documents": repr(spec.documents) if spec.documents is not None else None,
-        "causal": spec.causal,
-        "window": spec.window,
-        "mask_mod": getattr(spec.mask_mod, "__qualname__", None),
-    }
