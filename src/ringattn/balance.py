@@ -1,0 +1,200 @@
+"""Which global positions each rank holds under a mask, and a work-balanced layout for
+packed documents.
+
+A :class:`Placement` cuts the sequence into equal chunks and gives each rank the same number
+of them, kept in position order locally (so a rank's positions are sorted, which the mask's
+key ranges rely on). The zigzag and contiguous layouts are placements; so is the balanced
+layout of :func:`balanced_placement`, which is what :func:`ringattn.shard` cuts when given
+documents, and what every entry point reads.
+
+Balance without padding documents: the sequence is cut into ``N x m`` chunks (``m`` up to
+16 per rank), and each chunk's work -- the keys its query rows see within their document,
+summed over batch rows -- is computed from the document boundaries for three kinds of layer
+(causal, bidirectional, a causal 4K window), so that one layout serves every layer of a
+model. Chunks go to ranks greedily, largest first, each to the rank whose largest
+(normalised) load grows least among those with room (a longest-processing-time schedule
+with equal cardinality); swaps of one chunk of the costliest rank against one chunk of
+another then lower the maximum while they can. One permutation serves every batch row, so
+tokens per rank stay equal.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .layout import chunk_ids, num_chunks
+from .masks import Documents, MaskSpec
+
+__all__ = [
+    "Placement",
+    "balanced_placement",
+    "layout_imbalance",
+    "layout_placement",
+    "rank_work",
+]
+
+_MAX_CHUNKS_PER_RANK = 16
+# The kinds of layer one layout is balanced for at once: causal, bidirectional, and a causal
+# sliding window of 4K (as in Mistral's and Gemma's windowed layers).
+_BALANCED_FOR: tuple[tuple[bool, tuple[int, int] | None], ...] = (
+    (True, None),
+    (False, None),
+    (True, (4095, 0)),
+)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Rank r holds chunks ``ids[r]`` (ascending) of ``chunk`` positions each, in that order."""
+
+    chunk: int
+    ids: tuple[tuple[int, ...], ...]
+
+    @property
+    def world_size(self) -> int:
+        return len(self.ids)
+
+    @property
+    def seq_len(self) -> int:
+        return self.chunk * sum(len(i) for i in self.ids)
+
+    def positions(self, rank: int) -> Tensor:
+        """Global positions rank ``rank`` holds, in local order (ascending)."""
+        return _positions(self.chunk, self.ids[rank])
+
+    def merged(self, group_size: int) -> Placement:
+        """The placement of a ring over groups of ``group_size`` consecutive ranks, each
+        group holding its ranks' chunks (what a Ulysses all-to-all gathers)."""
+        ids = tuple(
+            tuple(sorted(c for r in range(g, g + group_size) for c in self.ids[r]))
+            for g in range(0, self.world_size, group_size)
+        )
+        return Placement(self.chunk, ids)
+
+    def permutation(self) -> Tensor:
+        """Global positions in rank-then-local order (the shard order concatenated)."""
+        return torch.cat([self.positions(r) for r in range(self.world_size)])
+
+
+@functools.lru_cache(maxsize=512)
+def _positions(chunk: int, ids: tuple[int, ...]) -> Tensor:
+    return torch.cat([torch.arange(c * chunk, (c + 1) * chunk) for c in ids])
+
+
+def layout_placement(seq_len: int, world_size: int, layout: str) -> Placement:
+    """The zigzag or contiguous layout as a placement."""
+    n = num_chunks(world_size, layout)
+    ids = tuple(tuple(sorted(chunk_ids(r, world_size, layout))) for r in range(world_size))
+    return Placement(seq_len // n, ids)
+
+
+def _chunks_per_rank(local: int) -> int:
+    return max(m for m in range(1, _MAX_CHUNKS_PER_RANK + 1) if local % m == 0)
+
+
+def position_work(spec: MaskSpec) -> Tensor:
+    """Keys each global position's query row sees, summed over batch rows ``[S]``."""
+    pos = torch.arange(spec.seq_len)
+    lo, hi = spec.key_interval(pos)
+    return (hi - lo + 1).clamp(min=0).sum(dim=0)
+
+
+def rank_work(spec: MaskSpec, placement: Placement) -> Tensor:
+    """Each rank's attention work (visible keys summed over its query rows) ``[N]``, float64."""
+    work = position_work(spec).double()
+    return torch.stack([work[placement.positions(r)].sum() for r in range(placement.world_size)])
+
+
+def layout_imbalance(
+    documents: Documents,
+    world_size: int,
+    *,
+    causal: bool = True,
+    window: tuple[int, int] | None = None,
+) -> float:
+    """The slowest rank's attention work over the mean (1.0 = perfect balance) in the
+    layout :func:`ringattn.shard` cuts for ``documents`` on ``world_size`` ranks.
+
+    Work is the sum over a rank's query rows (and batch rows) of the keys they see under
+    ``causal`` and ``window`` within their document. The layout balances causal work; pass
+    other options to see how the same layout does for them.
+    """
+    if not isinstance(documents, Documents):
+        raise TypeError(f"documents must be a ringattn.Documents, got {type(documents).__name__}")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    spec = MaskSpec.build(documents, causal, window, None)
+    work = rank_work(spec, balanced_placement(documents, world_size))
+    mean = float(work.mean())
+    return float(work.max()) / mean if mean > 0 else 1.0
+
+
+@functools.lru_cache(maxsize=8)  # a batch's documents, reused by every layer
+def balanced_placement(documents: Documents, world_size: int) -> Placement:
+    """The work-balanced placement of ``documents`` over ``world_size`` ranks (cached).
+
+    Raises ValueError when the sequence does not split into equal shards.
+    """
+    s = documents.seq_len
+    if s % world_size:
+        raise ValueError(
+            f"documents cover {s} tokens, which do not split evenly over {world_size} ranks "
+            "(every rank holds the same number of tokens; pad the batch's end to a multiple)"
+        )
+    m = _chunks_per_rank(s // world_size)
+    chunks = world_size * m
+    chunk = s // chunks
+    works = torch.stack(
+        [
+            position_work(MaskSpec.build(documents, causal, window, None)).double()
+            for causal, window in _BALANCED_FOR
+        ]
+    )
+    ids = _assign(works.view(len(_BALANCED_FOR), chunks, chunk).sum(dim=2), world_size, m)
+    return Placement(chunk, tuple(tuple(sorted(r)) for r in ids))
+
+
+def _assign(works: Tensor, world_size: int, per_rank: int) -> list[list[int]]:
+    """Chunks to ranks, ``per_rank`` each, for works ``[K, chunks]`` (K kinds of layer).
+
+    Each kind's work is normalised to a mean rank load of 1 and a rank's cost is its largest
+    load. Greedy, largest chunks first, each to the rank whose cost grows least among those
+    with room; then, while it lowers the maximum cost, the best swap of one chunk of the
+    costliest rank against one chunk of another (all candidate swaps priced at once).
+    """
+    kinds, chunks = works.shape
+    w = works / works.sum(dim=1, keepdim=True).clamp(min=1e-30) * world_size
+    load = torch.zeros(kinds, world_size, dtype=w.dtype)
+    count = torch.zeros(world_size, dtype=torch.long)
+    owner = torch.empty(chunks, dtype=torch.long)
+    for c in torch.argsort(-w.sum(dim=0), stable=True).tolist():
+        cost = (load + w[:, c : c + 1]).amax(dim=0).masked_fill(count >= per_rank, math.inf)
+        r = int(torch.argmin(cost))
+        owner[c] = r
+        count[r] += 1
+        load[:, r] += w[:, c]
+    for _ in range(4 * chunks):
+        cost = load.amax(dim=0)
+        top = int(torch.argmax(cost))
+        mine = (owner == top).nonzero().squeeze(1)
+        other = (owner != top).nonzero().squeeze(1)
+        if other.numel() == 0:
+            break
+        wa, wc = w[:, mine].unsqueeze(2), w[:, other].unsqueeze(1)  # [K, m, 1], [K, 1, C']
+        new_top = (load[:, top].view(kinds, 1, 1) - wa + wc).amax(dim=0)
+        new_other = (load[:, owner[other]].unsqueeze(1) - wc + wa).amax(dim=0)
+        new_max = torch.maximum(new_top, new_other)
+        best = int(torch.argmin(new_max))
+        if float(new_max.view(-1)[best]) >= float(cost[top]) - 1e-12:
+            break
+        a, c = int(mine[best // other.numel()]), int(other[best % other.numel()])
+        r = int(owner[c])
+        load[:, top] += w[:, c] - w[:, a]
+        load[:, r] += w[:, a] - w[:, c]
+        owner[a], owner[c] = r, top
+    return [(owner == r).nonzero().squeeze(1).tolist() for r in range(world_size)]

@@ -1,0 +1,142 @@
+"""Plans under a mask: which block pairs each rank computes, with which kernel, or skips.
+
+For every rank and ring step, the pair (this rank's query positions, the arriving block's
+key positions) is classified by its :class:`~ringattn.masks.PairMask`: ``empty`` pairs are
+skipped (``None``), ``full`` and ``causal`` pairs run the unmasked kernel, ``partial``
+pairs a masked kernel (:class:`~ringattn.masked_kernels.MaskedBlock`). The local pair (step
+0) is never skipped, so every query row gets a result (output 0 and lse -inf when it sees
+nothing). When every rank's remaining steps are empty, the ring stops early: K/V travel
+only as far as some rank still needs them (a causal window W on the contiguous layout
+reaches ``ceil(W / shard)`` neighbours).
+
+Plans are cached by everything they depend on (the mask's description, the placement, the
+kernel), so a batch's plans are made once and reused by every layer.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from .balance import Placement
+from .layout import BlockPlan, Part
+from .masked_kernels import MaskedBlock
+from .masks import MaskSpec, PairMask
+
+__all__ = ["MaskedPlans", "block_plan", "ring_plans", "single_plan"]
+
+
+def block_plan(pair: PairMask, source: int, kernel: str, keep_empty: bool) -> BlockPlan | None:
+    """The plan of one pair: None (skipped), the unmasked kernel, or a masked block."""
+    if pair.kind == "empty" and not keep_empty:
+        return None
+    if pair.kind == "full":
+        return BlockPlan(source, Part.ALL, Part.ALL, causal=False)
+    if pair.kind == "causal":
+        return BlockPlan(source, Part.ALL, Part.ALL, causal=True)
+    return BlockPlan(source, Part.ALL, Part.ALL, causal=False, mask=MaskedBlock(pair, kernel))
+
+
+@dataclass(frozen=True)
+class MaskedPlans:
+    """The ring plans of one rank (truncated to the steps some rank needs), with what the
+    ring needs of the next rank's plans, and the visible work of every rank."""
+
+    rank: int
+    plans: tuple[BlockPlan | None, ...]  # this rank's, per step
+    next_last_plan: BlockPlan | None  # the next rank's last-step plan (only its part matters)
+    visible: tuple[int, ...]  # visible (row, query, key) triples per rank
+
+    @property
+    def steps(self) -> int:
+        return len(self.plans)
+
+
+_CACHE: OrderedDict[tuple, MaskedPlans] = OrderedDict()
+# A batch's plans are reused by every layer; a few batches' worth are kept (each holds its
+# pairs' key ranges and, once used, BlockMasks on the device).
+_CACHE_LIMIT = 16
+
+
+def ring_plans(
+    spec: MaskSpec, placement: Placement, kernel: str, rank: int, head_offset: int = 0
+) -> MaskedPlans:
+    """The plans of ``rank`` in a ring over ``placement``'s ranks under ``spec`` (cached).
+
+    Every rank's pairs are classified (the ring's length depends on all of them); only this
+    rank's keep their masks.
+    """
+    key = (spec.key, placement, kernel, rank, head_offset)
+    found = _CACHE.get(key)
+    if found is not None:
+        _CACHE.move_to_end(key)
+        return found
+    world = placement.world_size
+    kinds: list[list[str]] = []
+    visible = []
+    mine: list[BlockPlan | None] = []
+    for r in range(world):
+        qpos = placement.positions(r)
+        row, seen = [], 0
+        for step in range(world):
+            source = (r - step) % world
+            pair = PairMask.build(spec, qpos, placement.positions(source), head_offset)
+            seen += pair.visible
+            row.append("local" if step == 0 else pair.kind)  # the local pair always runs
+            if r == rank:
+                mine.append(block_plan(pair, source, kernel, keep_empty=step == 0))
+        kinds.append(row)
+        visible.append(seen)
+    last = max(max(s for s, kind in enumerate(row) if kind != "empty") for row in kinds)
+    nxt = (rank + 1) % world
+    next_last = None
+    if kinds[nxt][last] != "empty":
+        # Only whether it runs and which part of this rank's K/V it covers (all) matter.
+        next_last = BlockPlan((nxt - last) % world, Part.ALL, Part.ALL, causal=False)
+    found = MaskedPlans(rank, tuple(mine[: last + 1]), next_last, tuple(visible))
+    _CACHE[key] = found
+    if len(_CACHE) > _CACHE_LIMIT:
+        _CACHE.popitem(last=False)
+    return found
+
+
+def single_plan(
+    spec: MaskSpec,
+    placement: Placement,
+    rank: int | None,
+    kernel: str,
+    head_offset: int = 0,
+) -> BlockPlan:
+    """One pair against the whole sequence: the queries of ``rank`` (every position when
+    None, as after a Ulysses all-to-all) against every key, as the all-gather and Ulysses
+    strategies compute it in one kernel call (cached)."""
+    every = tuple(range(placement.seq_len // placement.chunk))
+    q_ids = every if rank is None else placement.ids[rank]
+    key = (spec.key, q_ids, placement.chunk, kernel, head_offset)
+    plan = _SINGLE.get(key)
+    if plan is None:
+        qpos = Placement(placement.chunk, (q_ids,)).positions(0)
+        kpos = torch.arange(placement.seq_len)
+        pair = PairMask.build(spec, qpos, kpos, head_offset)
+        plan = block_plan(pair, 0, kernel, keep_empty=True)
+        assert plan is not None
+        if len(_SINGLE) >= _CACHE_LIMIT:
+            _SINGLE.clear()
+        _SINGLE[key] = plan
+    return plan
+
+
+_SINGLE: dict[tuple, BlockPlan] = {}
+
+
+def density(spec: MaskSpec) -> float:
+    """Visible (query, key) pairs over those of the unmasked causal (or full) attention the
+    cost model prices, for the planner."""
+    from .balance import position_work
+
+    rows = spec.documents.rows if spec.documents is not None else 1
+    s = spec.seq_len
+    dense = rows * (s * (s + 1) / 2 if spec.causal else s * s)
+    return float(position_work(spec).sum()) / dense if dense else 1.0
