@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import comm
+from . import comm, ops
 from .api import ring_attention
 from .checks import _call_key, checked_call
 from .comm import SequenceMesh, resolve_mesh
@@ -383,6 +383,11 @@ def attention(
     Raises:
         ValueError, TypeError: bad arguments, on every rank, before any data moves.
     """
+    if torch.compiler.is_compiling():
+        # One opaque op in the compiled graph; its body is this function, run eagerly.
+        return ops.traced_call(
+            "attention", q, k, v, mesh, causal, scale, layout, backend, strategy
+        )[0]
     key = _call_key(mesh, q, k, v, causal, scale, layout, backend, False)
     planned = _PLANNED.get((key, strategy)) if key is not None else None
     if planned is None:
@@ -406,3 +411,13 @@ def attention(
     assert sm.inner is not None
     outer = sm.outer if sm.outer_size > 1 else None
     return _ulysses(q, k, v, sm, sm.inner, sm.inner_size, outer, causal, scale, layout, backend)
+
+
+def _attention_entry(q, k, v, mesh, causal, scale, layout, backend, strategy):  # noqa: ANN001
+    out = attention(
+        q, k, v, mesh, causal=causal, scale=scale, strategy=strategy, layout=layout, backend=backend
+    )
+    return out, None
+
+
+ops.register_entry("attention", _attention_entry)
