@@ -3,12 +3,13 @@
 ``torchrun --nproc-per-node=2 scripts/gpu_cp_then_ringattn.py --json out.json``
 
 PyTorch's cuDNN attention caches backward graphs by q, k and v alone while each graph bakes
-in the layout of out and dout it was built with (torch <= 2.11). PyTorch's CP and the ring
-call it on the same q/k/v blocks, so the ring must pass out and dout in the layout every
-other caller does (see ``kernels._cudnn_backward``); before that, this sequence died with
-"an illegal memory access was encountered". Runs CP (causal, forward+backward, both rotate
-methods, GQA and MHA), then ringattn forward+backward on the same inputs, and compares the
-ring's output and gradients with one GPU's.
+in the layouts of out, dout and the log-sum-exp it was built with (torch <= 2.11; later
+releases key on them too). PyTorch's CP and the ring call it on the same q/k/v blocks, so
+the ring can be handed a graph built for CP's layouts. With the ring of this repository at
+its base commit, this sequence gives NaN gradients and then "an illegal memory access was
+encountered" on 2x H200 (torch 2.11); it is the check for a fix. Runs CP (causal,
+forward+backward, both rotate methods, GQA then MHA), then ringattn forward+backward on the
+same inputs, and compares the ring's output and gradients with one GPU's.
 """
 
 from __future__ import annotations

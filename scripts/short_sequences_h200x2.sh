@@ -16,9 +16,11 @@ if [ -n "$old" ]; then
     PYTHONPATH="$old" run 150 benchmarks/short_sequences.py --label before \
         --json "$out/short-before.json" 2>&1 | grep -v Warning | tail -8
 fi
-run 150 benchmarks/short_sequences.py --label after --json "$out/short-after.json" 2>&1 \
-    | grep -v Warning | tail -8
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+for graphs in off auto; do
+    run 150 benchmarks/short_sequences.py --label "after-graphs-$graphs" --cuda-graphs $graphs \
+        --json "$out/short-after-graphs-$graphs.json" 2>&1 | grep -v Warning | tail -8
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+done
 
 echo "== PyTorch's context_parallel, then ringattn, in one process (cuDNN)"
 run 120 scripts/gpu_cp_then_ringattn.py --json "$out/cp-then-ringattn.json" 2>&1 | tail -4

@@ -2,10 +2,12 @@
 
 One spawn runs all cases (compiling is slow on small machines). Each case reports, per rank:
 the largest difference to the same call in eager mode and to the float64 reference, how many
-graphs dynamo made, and the graph breaks it saw. The inductor backend compiles the ring's own
-cases and the tiny LM through ``context_parallel``; the other entry points use
-``aot_eager`` (dynamo and AOTAutograd as with inductor, without generating kernels), which
-is what decides graph breaks, recompilation and the custom ops' autograd.
+graphs dynamo made, and the graph breaks it saw. Inductor compiles the ring's own cases; the
+entry points and the tiny LM use ``aot_eager`` (dynamo and AOTAutograd as with inductor,
+without generating kernels), which is what decides graph breaks, recompilation and the
+custom ops' autograd, and keeps float64 exact. (The tiny LM under inductor,
+``context_parallel_inductor``, differs from eager by ~2e-4 in loss after 3 SGD steps: its
+rotary embedding runs in float32; the difference was not traced further.)
 """
 
 from __future__ import annotations
@@ -166,13 +168,13 @@ def run_compile_cases(rank: int, world: int, names: tuple[str, ...]) -> dict:
         torch._dynamo.reset()
         found["hf"] = _attention_case(hf, mesh, [16, 16], "aot_eager", False, True)
     for entry, backend in (
-        ("context_parallel", "inductor"),
-        ("context_parallel_aot", "aot_eager"),
+        ("context_parallel", "aot_eager"),
+        ("context_parallel_inductor", "inductor"),
         ("parallel_style", "aot_eager"),
         ("attention_context_parallel", "aot_eager"),
     ):
         if entry in names:
             torch._dynamo.reset()
-            found[entry] = _tiny_lm_case(entry.removesuffix("_aot"), mesh, backend)
+            found[entry] = _tiny_lm_case(entry.removesuffix("_inductor"), mesh, backend)
     dist.barrier()
     return found
