@@ -106,7 +106,8 @@ def _tiny_lm_case(entry: str, mesh, backend: str, steps: int = 3):
         params[mode] = [p.detach().clone() for p in model.parameters()]
     return {
         "eager": max(abs(a - b) for a, b in zip(losses["compiled"], losses["eager"])),
-        "reference": max(abs(a - b) for a, b in zip(losses["compiled"], losses["single"])),
+        # Relative: the model's rotary embedding runs in float32 (as test_context_parallel).
+        "reference": max(abs(a - b) / abs(b) for a, b in zip(losses["compiled"], losses["single"])),
         "params_eager": max(
             float((a - b).abs().max()) for a, b in zip(params["compiled"], params["eager"])
         ),

@@ -32,11 +32,15 @@ def test_compiled_matches_eager_and_reference_without_graph_breaks(compiled, cas
     for found in compiled:
         result = found[case]
         assert result["breaks"] == {}, result["breaks"]
-        # The ring, every strategy and the tiny LM: float64 throughout.
+        # Compiled and eager run the same float64 ops (the tiny LM: SGD steps included).
         assert result["eager"] < 1e-10, result
-        assert result["reference"] < 1e-10, result
         if "params_eager" in result:
             assert result["params_eager"] < 1e-10, result
+            # Against one process: losses within 1e-5 relative, as test_context_parallel
+            # (the tiny LM's rotary embedding computes in float32).
+            assert result["reference"] <= 1e-5, result
+        else:
+            assert result["reference"] < 1e-10, result
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c != "ring"] + ["ring"])
