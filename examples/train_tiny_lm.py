@@ -173,6 +173,9 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile(model, fullgraph=True) first"
+    )
     args = p.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -190,6 +193,9 @@ def main() -> None:
     torch.manual_seed(0)  # the same model and batch on every rank
     model = TinyLM(args.vocab, args.dim, args.heads, args.kv_heads, args.layers)
     model = parallelize(model.to(device=device, dtype=dtype), args.entry, mesh, args.backend)
+    if args.compile:
+        # Every entry point compiles without graph breaks; the first step compiles.
+        model = torch.compile(model, fullgraph=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     ids = torch.randint(0, args.vocab, (1, args.seq_len), device=device)
     positions = torch.arange(args.seq_len, device=device)[None]
@@ -204,7 +210,8 @@ def main() -> None:
         if rank == 0:
             print(
                 f"step {step}: loss {loss:.4f}, {args.seq_len / elapsed:,.0f} tokens/s on "
-                f"{world} ranks ({device.type}, {args.entry})",
+                f"{world} ranks ({device.type}, {args.entry}"
+                f"{', compiled' if args.compile else ''})",
                 flush=True,
             )
     dist.destroy_process_group()

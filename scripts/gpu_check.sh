@@ -23,6 +23,11 @@ timeout 600 python3 -m torch.distributed.run --standalone --nproc-per-node="$gpu
     scripts/gpu_integration.py --json "$out/gpu_integration.json" 2>&1 | tee "$out/gpu_integration.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+echo "== PyTorch's context_parallel, then ringattn, in one process (cuDNN plan cache)"
+timeout 300 python3 -m torch.distributed.run --standalone --nproc-per-node="$gpus" \
+    scripts/gpu_cp_then_ringattn.py --json "$out/cp_then_ringattn.json" 2>&1 | tee "$out/cp_then_ringattn.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 echo "== Hugging Face: a length one GPU cannot hold, SDPA on one GPU vs ringattn on all"
 if python3 -c 'import transformers' 2>/dev/null; then
     timeout 900 python3 scripts/gpu_hf_long_context.py "$out" 2>&1 | tee "$out/hf_long_context.log"

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import comm
+from . import comm, ops
 from .balance import balanced_placement
 from .checks import CheckMode, _call_key, checked_call, set_cross_rank_check
 from .graphs import GraphedRing, GraphedRingFunction
@@ -29,6 +29,10 @@ __all__ = [
     "shard",
     "unshard",
 ]
+
+
+# Masked calls plan per batch in Python; inside a compiled region they run eagerly.
+_masked_eager = torch.compiler.disable(masked_ring_attention)
 
 
 @overload
@@ -121,7 +125,11 @@ def ring_attention(
             call signature; see :func:`set_cross_rank_check`).
     """
     if documents is not None or window is not None or mask_mod is not None:
-        return masked_ring_attention(
+        # Masks plan per batch in Python: under torch.compile they run eagerly (a
+        # graph break; fullgraph=True raises).
+        run = _masked_eager if torch.compiler.is_compiling() else masked_ring_attention
+    if documents is not None or window is not None or mask_mod is not None:
+        return run(
             q,
             k,
             v,
@@ -135,6 +143,10 @@ def ring_attention(
             window=window,
             mask_mod=mask_mod,
         )
+    if torch.compiler.is_compiling():
+        # One opaque op in the compiled graph; its body is this function, run eagerly.
+        out, lse = ops.traced_call("ring", q, k, v, group, causal, scale, layout, backend)
+        return (out, lse) if return_lse else out
     group = comm.resolve_group(group)
     key = _call_key(group, q, k, v, causal, scale, layout, backend, return_lse)
     call = checked_call(group, q, k, v, causal, scale, layout, backend, return_lse, key)
@@ -142,6 +154,9 @@ def ring_attention(
     k, v = k.contiguous(), v.contiguous()
     if _cuda_graphs and key is not None and call.ring is not None and q.is_cuda:
         graphed = _GRAPHED.get(key)
+        if graphed is None and _cuda_graphs == "auto" and not _graph_now(key, q, k):
+            out, lse = RingAttentionFunction.apply(q, k, v, call)
+            return (out, lse) if return_lse else out
         if graphed is None:
             if len(_GRAPHED) >= _GRAPHED_LIMIT:
                 # Callers never hold graph memory (results are copied out), so the oldest
@@ -154,28 +169,72 @@ def ring_attention(
     return (out, lse) if return_lse else out
 
 
-_cuda_graphs = False
+def _ring_entry(q, k, v, group, causal, scale, layout, backend, strategy):  # noqa: ANN001
+    return ring_attention(
+        q, k, v, group, causal=causal, scale=scale, layout=layout, backend=backend, return_lse=True
+    )
+
+
+ops.register_entry("ring", _ring_entry)
+
+# Off by default: PyTorch's destroy_process_group() hangs while CUDA graphs that captured
+# NCCL transfers are alive (pytorch/pytorch#115388), so a process that replays graphs must
+# call set_cuda_graphs(False), which frees them, before destroying its process group.
+_cuda_graphs: bool | str = False
 _GRAPHED: dict[tuple, GraphedRing] = {}
 _GRAPHED_LIMIT = 8
+# "auto": a signature is captured on its third call (every rank makes the same calls, so
+# every rank captures together), and only while one ring step's attention is small, where
+# issuing the work costs the host more than the GPU takes to run it. B*H*S_q*S_k*D of a
+# step: 1.7e10 at 4K tokens on 2 ranks (32 heads x 128), where replay is 1.7x faster on
+# 2x H200; 6.9e10 at 8K, where the copies in and out cost more than replay saves.
+_AUTO_GRAPH_WORK = 3.4e10
+_AUTO_GRAPH_CALLS = 3
+_SEEN: dict[tuple, int] = {}
 
 
-def set_cuda_graphs(enabled: bool) -> None:
-    """Replay each call signature's ring as CUDA graphs (experimental; CUDA, 2+ ranks).
+def _graph_now(key: tuple, q: Tensor, k: Tensor) -> bool:
+    """Whether the automatic mode captures this signature now (see ``_AUTO_GRAPH_WORK``)."""
+    work = q.size(0) * q.size(1) * q.size(2) * k.size(2) * q.size(3)
+    if work > _AUTO_GRAPH_WORK or torch.cuda.is_current_stream_capturing():
+        return False  # long steps; or inside someone else's capture, which records us
+    seen = _SEEN.get(key, 0) + 1
+    if len(_SEEN) >= 1024:
+        _SEEN.clear()
+    _SEEN[key] = seen
+    return seen >= _AUTO_GRAPH_CALLS
+
+
+def set_cuda_graphs(enabled: bool | Literal["auto"]) -> None:
+    """Replay call signatures' rings as CUDA graphs: False (default), ``"auto"`` or True.
 
     Made for short sequences, where issuing a call's kernels and transfers takes the host
-    longer than the GPU takes to run them. The first call of a signature, forward and then
-    backward, captures its graphs (every rank of the group must make it, as for any call);
-    later calls copy their inputs in, launch one graph, and copy the results out. The graphs
-    and their buffers of the 8 most recent signatures are kept; not for calls whose shapes
-    change from step to step. Off by default. On 2x H200 this takes causal cuDNN
-    forward+backward at 4K tokens (GQA 32/8) from 0.75x to 1.27x one GPU; from 8K on, the
-    copies cost more than the launches save (1.57x against 1.73x without).
+    longer than the GPU takes to run them. A captured signature's later calls copy their
+    inputs in, launch one graph, and copy the results out (the capture, forward and then
+    backward, is a call that every rank of the group makes, as for any call). The graphs
+    and their buffers of the 8 most recent signatures are kept.
+
+    - ``"auto"``: CUDA tensors on 2+ ranks whose per-step attention is small (up to about
+      4K tokens per rank at 32 heads x 128: B*H*S_q*S_k*D <= 3.4e10), from a signature's
+      third call; never while the current stream is being captured (CUDA graphs or
+      ``torch.compile(mode="reduce-overhead")`` record the eager ring instead). On 2x H200
+      (causal cuDNN, GQA 32/8, forward+backward, back to back) this gives 1.25x one GPU at
+      4K tokens where the eager ring gives about 0.5x.
+    - ``True``: every CUDA call on 2+ ranks, from its first call (also for long sequences,
+      where the copies cost more than replay saves, and for shapes that change from step
+      to step, which capture again each time).
+    - ``False`` (default): never; frees the graphs kept so far.
+
+    Call ``set_cuda_graphs(False)`` before ``torch.distributed.destroy_process_group()``:
+    PyTorch's NCCL teardown waits for CUDA graphs that captured NCCL transfers, and hangs
+    while they are alive.
     """
     global _cuda_graphs
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    if enabled != "auto" and not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool or 'auto', got {enabled!r}")
     _cuda_graphs = enabled
     _GRAPHED.clear()
+    _SEEN.clear()
 
 
 def _check_shard_arguments(

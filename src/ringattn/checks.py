@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import comm
+from . import agreement, comm
 from .kernels import BACKENDS, Kernel, select_kernel
 from .layout import LAYOUTS, BlockPlan, ring_plan
 from .masks import MaskArgumentError
@@ -299,16 +299,16 @@ def _agree_across_ranks(
     """All-gather every rank's description; raise the same verdict on every rank.
 
     Runs on a host-side (Gloo) group over the same ranks where there is one, so the check
-    costs a few tens of microseconds of CPU time and never waits for queued GPU work.
+    never waits for queued GPU work; ranks on one host exchange through shared memory
+    (:mod:`ringattn.agreement`, a few microseconds), others by a Gloo all-gather.
     """
     check_group = comm.host_group(group)
     if check_group is None:
         check_group, device = group, comm.collective_device(group, preferred)
     else:
         device = torch.device("cpu")
-    local = torch.tensor(mine, dtype=torch.int64, device=device)
     try:
-        rows = [row.tolist() for row in comm.all_gather(local, check_group)]
+        rows = agreement.exchange(check_group, device, mine)
     except Exception as err:  # noqa: BLE001 - re-raised with what it was for
         raise comm.RingCommunicationError(
             "ring_attention: the cross-rank check of this call could not reach every rank "

@@ -90,10 +90,13 @@ _MESHES: dict[Any, SequenceMesh] = {}
 
 def resolve_mesh(mesh: object) -> SequenceMesh:
     """The :class:`SequenceMesh` of ``mesh``: None (the world), a ProcessGroup, or a 1-D or
-    2-D DeviceMesh. Raises ValueError/TypeError naming ``mesh``; no communication except
-    for a 2-D mesh that does not cover the world in rank order (one group made, once)."""
+    2-D DeviceMesh (a SequenceMesh is returned as it is). Raises ValueError/TypeError naming
+    ``mesh``; no communication except for a 2-D mesh that does not cover the world in rank
+    order (one group made, once)."""
     from torch.distributed.device_mesh import DeviceMesh
 
+    if isinstance(mesh, SequenceMesh):
+        return mesh
     if not isinstance(mesh, DeviceMesh) or mesh.ndim == 1:
         try:
             return SequenceMesh(resolve_group(mesh))

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import comm
+from . import comm, ops
 from .api import ring_attention
 from .checks import _call_key, checked_call
 from .comm import SequenceMesh, resolve_mesh
@@ -405,7 +405,13 @@ def attention(
     """
     if documents is not None or window is not None or mask_mod is not None:
         mask = MaskArguments(documents, window, mask_mod, causal)
-        return _masked_attention(q, k, v, mesh, causal, scale, strategy, layout, backend, mask)
+        run = _masked_eager if torch.compiler.is_compiling() else _masked_attention
+        return run(q, k, v, mesh, causal, scale, strategy, layout, backend, mask)
+    if torch.compiler.is_compiling():
+        # One opaque op in the compiled graph; its body is this function, run eagerly.
+        return ops.traced_call(
+            "attention", q, k, v, mesh, causal, scale, layout, backend, strategy
+        )[0]
     key = _call_key(mesh, q, k, v, causal, scale, layout, backend, False)
     planned = _PLANNED.get((key, strategy)) if key is not None else None
     if planned is None:
@@ -512,5 +518,19 @@ def _masked_attention(
     return _ToSequence.apply(out, exchange)
 
 
+# Masked calls plan per batch in Python; inside a compiled region they run eagerly.
+_masked_eager = torch.compiler.disable(_masked_attention)
+
+
 def _density(spec: MaskSpec) -> float:
     return round(density(spec), 3)
+
+
+def _attention_entry(q, k, v, mesh, causal, scale, layout, backend, strategy):  # noqa: ANN001
+    out = attention(
+        q, k, v, mesh, causal=causal, scale=scale, strategy=strategy, layout=layout, backend=backend
+    )
+    return out, None
+
+
+ops.register_entry("attention", _attention_entry)

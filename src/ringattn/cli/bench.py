@@ -50,7 +50,8 @@ METHODS: tuple[str, ...] = (
     "ringattn-zigzag",
     "ringattn-contiguous",
 )
-# Also available: "ringattn-zigzag-graphs" (ringattn.set_cuda_graphs(True); CUDA only), and
+# Also available: "ringattn-zigzag-graphs" (ringattn.set_cuda_graphs(True); CUDA only),
+# "ringattn-zigzag-auto" (set_cuda_graphs("auto")), and
 # ringattn.attention's other strategies: "ringattn-allgather", "ringattn-ulysses",
 # "ringattn-hybrid" (on an N/2 x 2 mesh) and "ringattn-auto" (the planner's pick).
 STRATEGY_METHODS = ("allgather", "ulysses", "hybrid", "auto")
@@ -358,9 +359,13 @@ def _ringattn(
 ) -> Iterator[tuple]:
     import ringattn
 
-    graphs = layout.endswith("-graphs")
-    layout = layout.removesuffix("-graphs")
-    ringattn.set_cuda_graphs(graphs)
+    # "-graphs": always replay; "-auto": set_cuda_graphs("auto"); else the default (off).
+    graphs: bool | str = False
+    if layout.endswith("-graphs"):
+        graphs, layout = True, layout.removesuffix("-graphs")
+    elif layout.endswith("-auto"):
+        graphs, layout = "auto", layout.removesuffix("-auto")
+    ringattn.set_cuda_graphs(graphs)  # type: ignore[arg-type]
 
     shards = [ringattn.shard(x, layout=layout).contiguous() for x in _inputs(case, device, seed)]
     q, k, v, dout = shards
