@@ -117,6 +117,35 @@ def _tiny_lm_case(entry: str, mesh, backend: str, steps: int = 3):
     }
 
 
+def _masked_case(mesh):
+    """A windowed call inside ``torch.compile`` (fullgraph=False): masks plan per batch in
+    Python, so the call runs eagerly behind one graph break and stays exact."""
+    import ringattn
+
+    def windowed(q, k, v):
+        out = ringattn.ring_attention(q * 1.0, k, v, causal=True, window=(3, 0), backend="math")
+        return out * 1.0
+
+    q, k, v, dout = _full_inputs(16, seed=30)
+    pos = torch.arange(16)
+    allowed = (pos[None, :] <= pos[:, None]) & (pos[None, :] >= pos[:, None] - 3)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    kr = leaves[1].repeat_interleave(2, dim=1)
+    vr = leaves[2].repeat_interleave(2, dim=1)
+    scores = (leaves[0] @ kr.transpose(-1, -2)) / 8**0.5
+    ref = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ vr
+    ref.backward(dout)
+    want = [ref.detach(), *(x.grad for x in leaves)]
+    shards = [ringattn.shard(x, mesh) for x in (q, k, v, dout)]
+    leaves = [x.clone().requires_grad_() for x in shards[:3]]
+    before = _graphs()
+    out = torch.compile(windowed, backend="aot_eager")(*leaves)
+    out.backward(shards[3])
+    got = [out.detach(), *(x.grad for x in leaves)]
+    worst = max(float((g - ringattn.shard(w, mesh)).abs().max()) for g, w in zip(got, want))
+    return {"reference": worst, "graphs": _graphs() - before, "breaks": _breaks()}
+
+
 def run_compile_cases(rank: int, world: int, names: tuple[str, ...]) -> dict:
     import ringattn
 
@@ -177,5 +206,8 @@ def run_compile_cases(rank: int, world: int, names: tuple[str, ...]) -> dict:
         if entry in names:
             torch._dynamo.reset()
             found[entry] = _tiny_lm_case(entry.removesuffix("_inductor"), mesh, backend)
+    if "masked" in names:
+        torch._dynamo.reset()
+        found["masked"] = _masked_case(mesh)
     dist.barrier()
     return found
