@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 
 # case name -> (kind, sequence length): the issue's measurement points.
-GPU_CASES = ("docs-64K", "docs-256K", "window-128K", "window-512K", "prefix-64K")
+GPU_CASES = ("docs-64K", "window-128K", "prefix-64K", "docs-256K", "window-512K")
 DRY_CASES = ("docs-512", "window-512", "prefix-512")
 STRATEGIES = ("ring", "auto", "allgather", "ulysses")
 
@@ -437,10 +437,14 @@ class Bench:
 
 
 def report(paths: list[str], md: str | None) -> str:
-    """Markdown tables (one per case) from the JSON files of the launches."""
+    """Markdown tables (one per case) from the JSON files of the launches (or the
+    ``.partial`` rows of a launch that did not finish)."""
     rows, meta = [], {}
     for path in paths:
         with open(path) as f:
+            if path.endswith(".partial"):
+                rows += [json.loads(line) for line in f if line.strip()]
+                continue
             data = json.load(f)
         meta = meta or data["meta"]
         rows += data["rows"]
