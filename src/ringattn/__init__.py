@@ -8,15 +8,18 @@ from typing import TYPE_CHECKING, Any
 
 from . import reference
 from .api import ring_attention, set_cross_rank_check, set_cuda_graphs, shard, unshard
+from .balance import layout_imbalance
 from .comm import RingCommunicationError
 from .integrations.routing import context_parallel, context_parallel_unshard
 from .kernels import BACKENDS
 from .layout import LAYOUTS
+from .masks import Documents
 from .strategies import STRATEGIES, attention
 
 __all__ = [
     "AttentionContextParallel",
     "BACKENDS",
+    "Documents",
     "LAYOUTS",
     "RingCommunicationError",
     "STRATEGIES",
@@ -24,6 +27,7 @@ __all__ = [
     "attention_context_parallel",
     "context_parallel",
     "context_parallel_unshard",
+    "layout_imbalance",
     "reference",
     "ring_attention",
     "set_cross_rank_check",

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from typing import Literal, overload
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from . import comm
+from .balance import balanced_placement
 from .checks import CheckMode, _call_key, checked_call, set_cross_rank_check
 from .graphs import GraphedRing, GraphedRingFunction
 from .layout import LAYOUTS, shard_for_rank, unshard_shards
+from .mask_calls import masked_ring_attention
+from .masks import Documents, MaskMod
 from .ring import RingAttentionFunction
 
 __all__ = [
@@ -39,6 +43,9 @@ def ring_attention(
     layout: str = ...,
     backend: str = ...,
     return_lse: Literal[False] = ...,
+    documents: Documents | None = ...,
+    window: tuple[int, int] | None = ...,
+    mask_mod: MaskMod | None = ...,
 ) -> Tensor: ...
 
 
@@ -54,6 +61,9 @@ def ring_attention(
     layout: str = ...,
     backend: str = ...,
     return_lse: Literal[True],
+    documents: Documents | None = ...,
+    window: tuple[int, int] | None = ...,
+    mask_mod: MaskMod | None = ...,
 ) -> tuple[Tensor, Tensor]: ...
 
 
@@ -68,6 +78,9 @@ def ring_attention(
     layout: str = "zigzag",
     backend: str = "auto",
     return_lse: bool = False,
+    documents: Documents | None = None,
+    window: tuple[int, int] | None = None,
+    mask_mod: MaskMod | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Exact attention over a sequence sharded across the ranks of ``group``.
 
@@ -88,6 +101,16 @@ def ring_attention(
             ``"auto"`` (the fastest that takes the inputs; logged at DEBUG on ``ringattn``).
         return_lse: also return the log-sum-exp ``[B, H, S_local]`` (float32, float64 for
             float64 inputs). It carries no gradient.
+        documents: packed documents (:class:`ringattn.Documents`, built once per batch): a
+            query sees only keys of its own document; padding sees and is seen by nothing.
+            The shards must be those ``ringattn.shard(x, group, documents=documents)`` cut
+            (the library's work-balanced layout); ``layout`` is then ignored.
+        window: ``(left, right)`` sliding window (-1 = unbounded): query i sees keys j with
+            ``i - left <= j <= i + right`` (FlashAttention's convention).
+        mask_mod: ``fn(b, h, q_idx, kv_idx) -> bool tensor`` over global positions
+            (FlexAttention's convention, called on broadcastable index tensors), for masks
+            the others do not express. All masks combine with each other and ``causal``;
+            rows that see no key return 0 (and lse -inf).
 
     Returns:
         This rank's output shard ``[B, H, S_local, D]`` in q's dtype, and the lse if asked.
@@ -97,6 +120,21 @@ def ring_attention(
             moves; also when ranks disagree on shapes, dtype or options (checked for each new
             call signature; see :func:`set_cross_rank_check`).
     """
+    if documents is not None or window is not None or mask_mod is not None:
+        return masked_ring_attention(
+            q,
+            k,
+            v,
+            group,
+            causal=causal,
+            scale=scale,
+            layout=layout,
+            backend=backend,
+            return_lse=return_lse,
+            documents=documents,
+            window=window,
+            mask_mod=mask_mod,
+        )
     group = comm.resolve_group(group)
     key = _call_key(group, q, k, v, causal, scale, layout, backend, return_lse)
     call = checked_call(group, q, k, v, causal, scale, layout, backend, return_lse, key)
@@ -141,11 +179,15 @@ def set_cuda_graphs(enabled: bool) -> None:
 
 
 def _check_shard_arguments(
-    x: object, group: object, dim: object, layout: object
+    x: object, group: object, dim: object, layout: object, documents: object = None
 ) -> tuple[dist.ProcessGroup, int]:
     pg = comm.resolve_mesh(group).flat
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if documents is not None and not isinstance(documents, Documents):
+        raise TypeError(
+            f"documents must be a ringattn.Documents or None, got {type(documents).__name__}"
+        )
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
@@ -153,7 +195,14 @@ def _check_shard_arguments(
     return pg, dim % x.dim()
 
 
-def shard(x: Tensor, group: object = None, *, dim: int = 2, layout: str = "zigzag") -> Tensor:
+def shard(
+    x: Tensor,
+    group: object = None,
+    *,
+    dim: int = 2,
+    layout: str = "zigzag",
+    documents: Documents | None = None,
+) -> Tensor:
     """This rank's shard of the full tensor ``x`` (identical on every rank) along ``dim``.
 
     ``group``: None (the world), a ProcessGroup, or a 1-D or 2-D DeviceMesh (a 2-D mesh
@@ -161,20 +210,54 @@ def shard(x: Tensor, group: object = None, *, dim: int = 2, layout: str = "zigza
     strategy of :func:`ringattn.attention` takes on it).
     ``"zigzag"`` cuts ``x`` into 2N chunks and keeps chunks r and 2N-1-r (a new tensor);
     ``"contiguous"`` keeps chunk r of N (a view). ``x.size(dim)`` must divide evenly.
-    Needs no communication. Differentiable.
+    With ``documents``, the layout is the work-balanced one the library picks for that
+    batch (``layout`` is ignored): equal token counts per rank, no document padded, every
+    rank's attention work within a few percent of the others' (see
+    :func:`ringattn.layout_imbalance`). Needs no communication. Differentiable.
     """
-    pg, dim = _check_shard_arguments(x, group, dim, layout)
+    pg, dim = _check_shard_arguments(x, group, dim, layout, documents)
     rank, world_size, _ = comm.group_facts(pg)
+    if documents is not None:
+        placement = _document_placement(x, dim, documents, world_size)
+        return x.index_select(dim, placement.positions(rank).to(x.device))
     return shard_for_rank(x, rank, world_size, dim=dim, layout=layout)
 
 
-def unshard(x: Tensor, group: object = None, *, dim: int = 2, layout: str = "zigzag") -> Tensor:
+def _document_placement(x: Tensor, dim: int, documents: Documents, world_size: int):
+    if x.size(dim) != documents.seq_len:
+        raise ValueError(
+            f"x.size({dim}) = {x.size(dim)} must equal the documents' sequence length "
+            f"{documents.seq_len}"
+        )
+    return balanced_placement(documents, world_size)
+
+
+def unshard(
+    x: Tensor,
+    group: object = None,
+    *,
+    dim: int = 2,
+    layout: str = "zigzag",
+    documents: Documents | None = None,
+) -> Tensor:
     """The full tensor on every rank, from each rank's shard ``x`` along ``dim``.
 
-    The inverse of :func:`shard`; every rank's shard must have the same shape.
+    The inverse of :func:`shard` (pass the same ``documents``); every rank's shard must
+    have the same shape.
     Communicates (an all-gather) and returns a tensor without gradient history.
     """
-    pg, dim = _check_shard_arguments(x, group, dim, layout)
+    pg, dim = _check_shard_arguments(x, group, dim, layout, documents)
+    if documents is not None:
+        world_size = comm.group_facts(pg)[1]
+        if x.size(dim) * world_size != documents.seq_len:
+            raise ValueError(
+                f"x.size({dim}) = {x.size(dim)} x {world_size} ranks must equal the documents' "
+                f"sequence length {documents.seq_len}"
+            )
+        placement = balanced_placement(documents, world_size)
+        gathered = torch.cat(comm.all_gather(x.detach(), pg), dim=dim)
+        order = placement.permutation().argsort().to(x.device)
+        return gathered.index_select(dim, order)
     if layout == "zigzag" and comm.group_facts(pg)[1] > 1 and x.size(dim) % 2:
         raise ValueError(
             f"x.size({dim}) = {x.size(dim)} must be even: a zigzag shard holds two equal chunks"

@@ -26,12 +26,25 @@ from torch import Tensor
 from . import comm
 from .kernels import BACKENDS, Kernel, select_kernel
 from .layout import LAYOUTS, BlockPlan, ring_plan
+from .masks import MaskArgumentError
 from .ring import RingCall
 
 __all__ = ["CheckMode", "checked_call", "set_cross_rank_check"]
 
 # Arguments a rank can reject; their index (plus one) travels in the cross-rank check.
-_ARGUMENTS = ("q", "k", "v", "causal", "scale", "layout", "backend", "return_lse")
+_ARGUMENTS = (
+    "q",
+    "k",
+    "v",
+    "causal",
+    "scale",
+    "layout",
+    "backend",
+    "return_lse",
+    "documents",
+    "window",
+    "mask_mod",
+)
 _DTYPES = (
     torch.float64,
     torch.float32,
@@ -56,6 +69,7 @@ _FIELDS = (
     "layout",
     "backend",
     "scale",
+    "mask (documents, window, mask_mod; a digest)",
 )
 
 
@@ -186,6 +200,7 @@ def _describe(
     layout: object,
     backend: object,
     rejected: _Rejected | None,
+    mask: object = None,
 ) -> list[int]:
     """A fixed-length integer description of this rank's call, for the cross-rank check."""
     if rejected is not None:
@@ -209,6 +224,7 @@ def _describe(
         LAYOUTS.index(layout),
         BACKENDS.index(backend),  # type: ignore[arg-type]
         scale_bits,
+        mask.fingerprint if mask is not None else 0,  # type: ignore[attr-defined]
     ]
 
 
@@ -243,7 +259,7 @@ def set_cross_rank_check(mode: CheckMode) -> None:
 
     - ``"always"`` (default): every call. Each rank's own checks are cached per call
       signature (shapes, dtype, device type, causal, layout, backend, scale); what remains
-      per call is one all-gather of 14 integers on a host-side (Gloo) group, so a rank that
+      per call is one all-gather of 15 integers on a host-side (Gloo) group, so a rank that
       alone changes its call raises on every rank instead of hanging.
     - ``"once"``: only the first time a rank sees a signature on a group, which saves that
       all-gather on short, host-bound calls. When every rank changes shape together, every
@@ -336,6 +352,7 @@ def _call_key(
     layout: object,
     backend: object,
     return_lse: object,
+    mask: object = None,
 ) -> tuple | None:
     """A hashable key of everything argument checking depends on, or None if unusual."""
     if not (
@@ -358,6 +375,7 @@ def _call_key(
         backend,
         return_lse,
         grad,
+        mask.key if mask is not None else None,  # type: ignore[attr-defined]
         *(
             (x.shape, x.stride(), x.dtype, x.device, x.requires_grad)
             for x in (q, k, v)  # type: ignore[union-attr]
@@ -376,17 +394,20 @@ def checked_call(
     backend: object,
     return_lse: object = False,
     key: tuple | None | bool = True,
+    mask: object = None,
 ) -> RingCall:
     """The checked (and agreed across ``group``) call for these arguments, cached by signature.
 
     Raises ValueError/TypeError on every rank of ``group`` for bad arguments, as
     :func:`ring_attention` does. ``key``: the signature key if already computed.
+    ``mask``: the call's mask arguments (see :class:`ringattn.mask_calls.MaskArguments`):
+    checked on this rank (``validate``) and compared across ranks by their ``fingerprint``.
     """
     if key is True:
-        key = _call_key(group, q, k, v, causal, scale, layout, backend, return_lse)
+        key = _call_key(group, q, k, v, causal, scale, layout, backend, return_lse, mask)
     entry = _PREPARED.get(key) if key is not None else None  # type: ignore[arg-type]
     if entry is None:
-        entry = _prepare(group, q, k, v, causal, scale, layout, backend, return_lse)
+        entry = _prepare(group, q, k, v, causal, scale, layout, backend, return_lse, mask)
         if key is not None:
             if len(_PREPARED) >= _PREPARED_LIMIT:
                 _PREPARED.clear()
@@ -407,6 +428,7 @@ def _prepare(
     layout: object,
     backend: object,
     return_lse: object,
+    mask: object = None,
 ) -> RingCall:
     """Check the arguments on this rank and across ranks: the ring call they describe, and
     the description the ranks compared (None on a single rank or with checks off)."""
@@ -419,9 +441,14 @@ def _prepare(
         )
     except _Rejected as err:
         rejected = err
+    if rejected is None and mask is not None:
+        try:
+            mask.validate(q, k, world_size)  # type: ignore[attr-defined]
+        except MaskArgumentError as err:
+            rejected = _Rejected(err.argument, err.exc_type, err.message)
     description = None
     if world_size > 1 and _check_mode != "never":
-        description = _describe(q, k, v, causal, scale_value, layout, backend, rejected)
+        description = _describe(q, k, v, causal, scale_value, layout, backend, rejected, mask)
         agreed = _AGREED.setdefault(group, set())
         if rejected is not None or tuple(description) not in agreed:
             device = q.device if isinstance(q, Tensor) else None

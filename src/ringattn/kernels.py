@@ -114,15 +114,20 @@ class Kernel:
 # ----------------------------------------------------------------------------- math
 
 
-def _math_scores(q: Tensor, k: Tensor, causal: bool, scale: float) -> tuple[Tensor, int]:
+def _math_scores(
+    q: Tensor, k: Tensor, causal: bool, scale: float, mask: Tensor | None = None
+) -> tuple[Tensor, int]:
     groups = q.size(1) // k.size(1)
     ct = accumulation_dtype(q.dtype)
     qg = q.to(ct).unflatten(1, (k.size(1), groups))  # [B, Hkv, G, Sq, D]
     s = torch.matmul(qg, k.to(ct).unsqueeze(2).transpose(-1, -2)) * scale
     if causal:
         sq, sk = s.shape[-2:]
-        mask = torch.ones(sq, sk, dtype=torch.bool, device=s.device).triu_(1)
-        s = s.masked_fill(mask, float("-inf"))
+        causal_mask = torch.ones(sq, sk, dtype=torch.bool, device=s.device).triu_(1)
+        s = s.masked_fill(causal_mask, float("-inf"))
+    if mask is not None:
+        # An explicit mask (True = visible), broadcastable to [B, Hkv, G, Sq, Sk].
+        s = s.masked_fill(~mask, float("-inf"))
     return s, groups
 
 
@@ -132,16 +137,18 @@ def _finite_or_zero(lse: Tensor) -> Tensor:
     return lse.masked_fill(lse == float("-inf"), 0.0)
 
 
-def _math_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float):
-    s, groups = _math_scores(q, k, causal, scale)
+def _math_forward(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, mask: Tensor | None = None
+):
+    s, groups = _math_scores(q, k, causal, scale, mask)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - _finite_or_zero(lse).unsqueeze(-1))
     out = torch.matmul(p, v.to(s.dtype).unsqueeze(2))
     return out.flatten(1, 2).to(q.dtype), lse.flatten(1, 2), None
 
 
-def _math_backward(dout, q, k, v, out, lse, aux, causal, scale):
-    s, groups = _math_scores(q, k, causal, scale)
+def _math_backward(dout, q, k, v, out, lse, aux, causal, scale, mask=None):
+    s, groups = _math_scores(q, k, causal, scale, mask)
     ct = s.dtype
     hkv = k.size(1)
     lse_g = _finite_or_zero(lse.to(ct)).unflatten(1, (hkv, groups)).unsqueeze(-1)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -105,6 +105,9 @@ class BlockPlan:
     q_part: Part
     kv_part: Part
     causal: bool
+    # A masked pair (documents, windows, mask functions): the object whose ``forward`` and
+    # ``backward`` replace the kernel's (see ringattn.masked_kernels.MaskedBlock).
+    mask: Any = None
 
     @property
     def work(self) -> float:

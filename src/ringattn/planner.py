@@ -127,6 +127,10 @@ class Problem:
     backend: str = "cudnn"
     dtype: str = "bfloat16"
     inner: int | None = None  # hybrid: the Ulysses dimension, when the mesh fixes it
+    # Masks (documents, windows): the share of the causal (or full) attention work the mask
+    # leaves, and how many ring steps carry any work (None: all of them).
+    density: float = 1.0
+    ring_steps: int | None = None
 
     def check(self) -> None:
         """ValueError naming the field that cannot describe a layer on a cluster."""
@@ -138,6 +142,10 @@ class Problem:
             raise ValueError(
                 f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})"
             )
+        if not 0.0 <= self.density <= 1.0:
+            raise ValueError(f"density must be in [0, 1], got {self.density!r}")
+        if self.ring_steps is not None and not 1 <= self.ring_steps <= self.gpus:
+            raise ValueError(f"ring_steps must be in [1, gpus], got {self.ring_steps!r}")
         if self.dtype not in _DTYPE_BYTES:
             raise ValueError(f"dtype must be one of {tuple(_DTYPE_BYTES)}, got {self.dtype!r}")
         if self.seq_len % (2 * self.gpus):
@@ -165,6 +173,7 @@ def _kernel_ms(
     cal: Calibration, p: Problem, heads: int, sq: float, sk: float, causal: bool
 ) -> float:
     flops = 4.0 * p.batch * heads * sq * sk * p.head_dim * (0.5 if causal else 1.0) * 3.5
+    flops *= p.density  # the work a mask leaves, spread evenly over the calls
     work = p.batch * heads * sq * sk * p.head_dim
     return flops / (cal.tflops(p.backend, causal, work) * 1e12) * 1e3
 
@@ -178,9 +187,17 @@ def _link(cal: Calibration, p: Problem, span: int, p2p: bool) -> float:
 
 
 def _ring_ms(
-    cal: Calibration, p: Problem, n: int, heads: int, kv_heads: int, local: float, span: int
+    cal: Calibration,
+    p: Problem,
+    n: int,
+    heads: int,
+    kv_heads: int,
+    local: float,
+    span: int,
+    steps_used: int | None = None,
 ) -> tuple[float, float, float]:
-    """(compute, exposed communication, steps) of a zigzag ring of ``n`` ranks."""
+    """(compute, exposed communication, steps) of a zigzag ring of ``n`` ranks, of which
+    only the first ``steps_used`` carry work under a mask (K/V travel no further)."""
     b = _DTYPE_BYTES[p.dtype]
     if p.causal:
         steps = [_kernel_ms(cal, p, heads, local, local, True)]
@@ -196,13 +213,14 @@ def _ring_ms(
     comm_f = kv_bytes / (gbs * 1e9) * 1e3 + lat
     comm_b = (kv_bytes + grad_bytes) / (gbs * 1e9) * 1e3 + lat
     exposed = 0.0
-    for i in range(1, n):
+    used = n if steps_used is None else min(n, steps_used)
+    for i in range(1, used):
         exposed += max(0.0, comm_f - steps[i - 1] * (1 - _BACKWARD_SHARE))
         exposed += max(0.0, comm_b - steps[i - 1] * _BACKWARD_SHARE)
-    if n > 1:
+    if used > 1:
         exposed += comm_b  # the last dK/dV trip overlaps the local block only partly
         exposed -= min(comm_b, steps[0] * _BACKWARD_SHARE)
-    return sum(steps), exposed, n
+    return sum(steps), exposed, used
 
 
 def _row(
@@ -247,7 +265,7 @@ def plan(problem: Problem, calibration: Calibration | None = None) -> list[PlanR
     host_call = cal.host_us_per_call * 1e-3
     rows = []
 
-    compute, comm, steps = _ring_ms(cal, p, n, p.heads, p.kv_heads, local, n)
+    compute, comm, steps = _ring_ms(cal, p, n, p.heads, p.kv_heads, local, n, p.ring_steps)
     ring_mem = base_mem + 3 * kv_local + (2 * kv_local * 4 / b if n > 2 else kv_local)
     host = steps * cal.host_us_per_step * 1e-3
     rows.append(_row("ring", compute, comm, 0.0, host, ring_mem, cal))
@@ -301,11 +319,19 @@ def _ulysses_sizes(p: Problem) -> list[int]:
     return [d for d in range(2, p.gpus + 1) if p.gpus % d == 0 and p.heads % d == 0]
 
 
-def choose_strategy(q: Any, k: Any, sm: Any, causal: bool, backend: str) -> str:
+def choose_strategy(
+    q: Any,
+    k: Any,
+    sm: Any,
+    causal: bool,
+    backend: str,
+    density: float = 1.0,
+    ring_steps: int | None = None,
+) -> str:
     """The strategy ``ringattn.attention(strategy="auto")`` runs for these shards.
 
     Every rank computes the same answer from shapes every rank agreed on and the same
-    calibration file.
+    calibration file. ``density`` and ``ring_steps`` price a mask (see :class:`Problem`).
     """
     inner = sm.inner_size if sm.inner is not None else None
     problem = Problem(
@@ -319,6 +345,8 @@ def choose_strategy(q: Any, k: Any, sm: Any, causal: bool, backend: str) -> str:
         gpus_per_node=max(sm.size, 1),
         backend=backend,
         dtype=str(q.dtype).removeprefix("torch."),
+        density=density,
+        ring_steps=ring_steps,
     )
     key = (problem, inner)
     found = _CHOSEN.get(key)

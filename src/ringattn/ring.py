@@ -72,8 +72,11 @@ class ForwardAccumulator:
             dtype = accumulation_dtype(out.dtype)
             self.out = out if self.blocks <= 2 else out.to(dtype)
             self.lse = lse if lse.dtype == dtype else lse.to(dtype)
-            self.aux = aux
+            self.aux = aux if plan.mask is None else None
             return
+        if self.aux is None and plan.mask is None:
+            # The kernel's state comes from an unmasked block (masked blocks keep none).
+            self.aux = aux
         assert self.lse is not None
         merge_into(plan.q_part.take(self.out), plan.q_part.take(self.lse), out, lse)
 
@@ -120,6 +123,8 @@ def block_forward(
     kernel: Kernel, plan: BlockPlan, q: Tensor, k: Tensor, v: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Any]:
     """The kernel forward on the parts of q and of the K/V block that ``plan`` names."""
+    if plan.mask is not None:
+        return plan.mask.forward(q, k, v, scale)
     return kernel.forward(
         plan.q_part.take(q),
         plan.kv_part.take(k),
@@ -143,6 +148,8 @@ def block_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The kernel backward on the parts ``plan`` names; gradients are for those parts."""
     qp, kp = plan.q_part, plan.kv_part
+    if plan.mask is not None:
+        return plan.mask.backward(dout, q, k, v, out, lse, aux, scale)
     return kernel.backward(
         qp.take(dout),
         qp.take(q),

@@ -30,10 +30,14 @@ from .api import ring_attention
 from .checks import _call_key, checked_call
 from .comm import SequenceMesh, resolve_mesh
 from .kernels import Kernel, accumulation_dtype, select_kernel
-from .layout import chunk_ids, kv_heads_for_ulysses
+from .layout import BlockPlan, chunk_ids, kv_heads_for_ulysses
+from .mask_calls import MaskArguments, check_masked, masked_call, placement_for
+from .mask_plan import density, ring_plans, single_plan
+from .masked_kernels import masked_kernel_for
+from .masks import Documents, MaskMod, MaskSpec
 from .merge import merge_into
 from .planner import choose_strategy
-from .ring import RingCall
+from .ring import RingAttentionFunction, RingCall, block_backward, block_forward
 
 __all__ = ["STRATEGIES", "attention"]
 
@@ -223,6 +227,7 @@ class _AllGatherAttention(torch.autograd.Function):
         kernel: Kernel,
         causal: bool,
         scale: float,
+        plan: BlockPlan | None = None,
     ):  # type: ignore[override]
         world = comm.group_facts(group)[1]
         per_rank = len(local_ids)
@@ -236,18 +241,22 @@ class _AllGatherAttention(torch.autograd.Function):
         full = pieces.permute(1, 2, 3, 0, 4, 5).reshape(2, b, h, world * per_rank * chunk, d)
         k_full, v_full = full[0], full[1]
         outs, lses, auxes = [], [], []
-        blocks = _query_blocks(local_ids, causal, chunk)
+        # Under a mask, one pair (all local queries, every key) whose plan says how.
+        blocks = _query_blocks(local_ids, causal, chunk) if plan is None else [(-1, 0, -1, False)]
         q_chunks = q.split(chunk, dim=2) if causal else (q,)
         for qi, start, end, block_causal in blocks:
             qb = q_chunks[qi] if qi >= 0 else q
             end = end if end >= 0 else k_full.size(2)
-            out, lse, aux = kernel.forward(
-                qb,
-                k_full[:, :, start:end],
-                v_full[:, :, start:end],
-                causal=block_causal,
-                scale=scale,
-            )
+            if plan is not None:
+                out, lse, aux = block_forward(kernel, plan, q, k_full, v_full, scale)
+            else:
+                out, lse, aux = kernel.forward(
+                    qb,
+                    k_full[:, :, start:end],
+                    v_full[:, :, start:end],
+                    causal=block_causal,
+                    scale=scale,
+                )
             auxes.append(aux)
             if block_causal or not causal:
                 outs.append(out)
@@ -257,13 +266,13 @@ class _AllGatherAttention(torch.autograd.Function):
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=2)
         ctx.save_for_backward(q, k_full, v_full, out, lse)
-        ctx.meta = (group, ids, blocks, auxes, kernel, scale, chunk, k.dtype)
+        ctx.meta = (group, ids, blocks, auxes, kernel, scale, chunk, k.dtype, plan)
         return out
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor):  # type: ignore[override]
         q, k_full, v_full, out, lse = ctx.saved_tensors
-        group, ids, blocks, auxes, kernel, scale, chunk, dtype = ctx.meta
+        group, ids, blocks, auxes, kernel, scale, chunk, dtype, plan = ctx.meta
         dout = dout.contiguous()
         wide = accumulation_dtype(dtype)
         dkv = torch.zeros((2, *k_full.shape), dtype=wide, device=k_full.device)
@@ -271,17 +280,22 @@ class _AllGatherAttention(torch.autograd.Function):
         for (qi, start, end, block_causal), aux in zip(blocks, auxes):
             end = end if end >= 0 else k_full.size(2)
             rows = slice(qi * chunk, (qi + 1) * chunk) if qi >= 0 else slice(None)
-            dqb, dkb, dvb = kernel.backward(
-                dout[:, :, rows],
-                q[:, :, rows],
-                k_full[:, :, start:end],
-                v_full[:, :, start:end],
-                out[:, :, rows],
-                lse[:, :, rows],
-                aux,
-                causal=block_causal,
-                scale=scale,
-            )
+            if plan is not None:
+                dqb, dkb, dvb = block_backward(
+                    kernel, plan, dout, q, k_full, v_full, out, lse, aux, scale
+                )
+            else:
+                dqb, dkb, dvb = kernel.backward(
+                    dout[:, :, rows],
+                    q[:, :, rows],
+                    k_full[:, :, start:end],
+                    v_full[:, :, start:end],
+                    out[:, :, rows],
+                    lse[:, :, rows],
+                    aux,
+                    causal=block_causal,
+                    scale=scale,
+                )
             dq[:, :, rows] += dqb
             dkv[0, :, :, start:end] += dkb
             dkv[1, :, :, start:end] += dvb
@@ -295,7 +309,7 @@ class _AllGatherAttention(torch.autograd.Function):
         send = send.reshape(world, 2, b, h, per_rank * chunk, d).contiguous()
         mine = torch.empty(send.shape[1:], dtype=wide, device=send.device)
         comm.reduce_scatter_into(mine, send, group)
-        return dq.to(q.dtype), mine[0].to(dtype), mine[1].to(dtype), *([None] * 6)
+        return dq.to(q.dtype), mine[0].to(dtype), mine[1].to(dtype), *([None] * 7)
 
 
 def _allgather(
@@ -359,6 +373,9 @@ def attention(
     strategy: str = "auto",
     layout: str = "zigzag",
     backend: str = "auto",
+    documents: Documents | None = None,
+    window: tuple[int, int] | None = None,
+    mask_mod: MaskMod | None = None,
 ) -> Tensor:
     """Exact attention over a sequence sharded across ``mesh``, by any strategy.
 
@@ -379,10 +396,16 @@ def attention(
             planner's choice for these shapes, see :func:`ringattn.planner.plan`).
         layout: ``"zigzag"`` or ``"contiguous"``, as for :func:`ringattn.shard`.
         backend: the attention kernel, as for :func:`ringattn.ring_attention`.
+        documents, window, mask_mod: masks, as for :func:`ringattn.ring_attention`, on every
+            strategy (with ``documents`` the shards are those ``ringattn.shard(x, mesh,
+            documents=documents)`` cuts, and ``layout`` is ignored).
 
     Raises:
         ValueError, TypeError: bad arguments, on every rank, before any data moves.
     """
+    if documents is not None or window is not None or mask_mod is not None:
+        mask = MaskArguments(documents, window, mask_mod, causal)
+        return _masked_attention(q, k, v, mesh, causal, scale, strategy, layout, backend, mask)
     key = _call_key(mesh, q, k, v, causal, scale, layout, backend, False)
     planned = _PLANNED.get((key, strategy)) if key is not None else None
     if planned is None:
@@ -406,3 +429,88 @@ def attention(
     assert sm.inner is not None
     outer = sm.outer if sm.outer_size > 1 else None
     return _ulysses(q, k, v, sm, sm.inner, sm.inner_size, outer, causal, scale, layout, backend)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def _masked_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mesh: object,
+    causal: bool,
+    scale: float | None,
+    strategy: str,
+    layout: str,
+    backend: str,
+    mask: MaskArguments,
+) -> Tensor:
+    """:func:`attention` under documents, a window or a mask function.
+
+    Every strategy reads the same placement (the balanced one with documents, else
+    ``layout``): the ring runs the masked plans; all-gather computes its queries against
+    every key in one pair; Ulysses one pair on its heads over the whole sequence; the hybrid
+    the masked ring over the outer dimension on the placement its inner groups gather.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    sm = resolve_mesh(mesh)
+    base, spec = check_masked(sm.flat, q, k, v, causal, scale, layout, backend, False, mask)
+    placement = placement_for(spec, sm.size, layout)
+    masked_kernel = masked_kernel_for(q.device, backend)
+    if strategy == "auto" and q.size(2) % 2:
+        strategy = "ring"  # the cost model prices zigzag shards (an even local length)
+    if strategy == "auto":
+        steps = ring_plans(spec, placement, masked_kernel).steps
+        strategy = choose_strategy(
+            q, k, sm, causal, base.kernel.name, density=_density(spec), ring_steps=steps
+        )
+    if strategy == "hybrid" and sm.inner is None:
+        raise ValueError(
+            "strategy 'hybrid' needs a 2-D mesh (Ulysses over dimension 1, ring over "
+            "dimension 0); got a 1-D group"
+        )
+    k, v = k.contiguous(), v.contiguous()
+    if sm.size == 1 or strategy == "ring":
+        call = masked_call(base, spec, placement, sm.rank, q.device, backend)
+        return RingAttentionFunction.apply(q, k, v, call)[0]
+    if strategy == "allgather":
+        plan = single_plan(spec, placement, sm.rank, masked_kernel)
+        ids = tuple(c for r in range(sm.size) for c in placement.ids[r])
+        local_ids = placement.ids[sm.rank]
+        return _AllGatherAttention.apply(
+            q, k, v, sm.flat, ids, local_ids, base.kernel, False, base.scale, plan
+        )
+    if strategy == "ulysses":
+        inner, inner_size, outer = sm.flat, sm.size, None
+    else:
+        assert sm.inner is not None
+        inner, inner_size = sm.inner, sm.inner_size
+        outer = sm.outer if sm.outer_size > 1 else None
+    first = (sm.rank // inner_size) * inner_size
+    ids = tuple(c for r in range(first, first + inner_size) for c in placement.ids[r])
+    exchange = _HeadExchange(inner, inner_size, ids)
+    kv_heads = kv_heads_for_ulysses(q.size(1), k.size(1), inner_size)
+    if kv_heads != k.size(1):
+        repeat = kv_heads // k.size(1)
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    qh, kh, vh = (_ToHeads.apply(x, exchange) for x in (q, k, v))
+    head_offset = (sm.rank - first) * (q.size(1) // inner_size)
+    kernel = select_kernel(backend, qh, kh, vh, causal)
+    if outer is None:
+        plan = single_plan(spec, placement, None, masked_kernel, head_offset)
+        call = RingCall(ring=None, plans=(plan,), kernel=kernel, scale=base.scale)
+    else:
+        ring_base = RingCall(comm.ring_for(outer), (), kernel, base.scale)
+        merged = placement.merged(inner_size)
+        outer_rank = sm.rank // inner_size
+        call = masked_call(
+            ring_base, spec, merged, outer_rank, q.device, backend, head_offset=head_offset
+        )
+    out = RingAttentionFunction.apply(qh, kh.contiguous(), vh.contiguous(), call)[0]
+    return _ToSequence.apply(out, exchange)
+
+
+def _density(spec: MaskSpec) -> float:
+    return round(density(spec), 3)

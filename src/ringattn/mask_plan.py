@@ -1,0 +1,132 @@
+"""Plans under a mask: which block pairs each rank computes, with which kernel, or skips.
+
+For every rank and ring step, the pair (this rank's query positions, the arriving block's
+key positions) is classified by its :class:`~ringattn.masks.PairMask`: ``empty`` pairs are
+skipped (``None``), ``full`` and ``causal`` pairs run the unmasked kernel, ``partial``
+pairs a masked kernel (:class:`~ringattn.masked_kernels.MaskedBlock`). The local pair (step
+0) is never skipped, so every query row gets a result (output 0 and lse -inf when it sees
+nothing). When every rank's remaining steps are empty, the ring stops early: K/V travel
+only as far as some rank still needs them (a causal window W on the contiguous layout
+reaches ``ceil(W / shard)`` neighbours).
+
+Plans are cached by everything they depend on (the mask's description, the placement, the
+kernel), so a batch's plans are made once and reused by every layer.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from .balance import Placement
+from .layout import BlockPlan, Part
+from .masked_kernels import MaskedBlock
+from .masks import MaskSpec, PairMask
+
+__all__ = ["MaskedPlans", "block_plan", "ring_plans", "single_plan"]
+
+
+def block_plan(pair: PairMask, source: int, kernel: str, keep_empty: bool) -> BlockPlan | None:
+    """The plan of one pair: None (skipped), the unmasked kernel, or a masked block."""
+    if pair.kind == "empty" and not keep_empty:
+        return None
+    if pair.kind == "full":
+        return BlockPlan(source, Part.ALL, Part.ALL, causal=False)
+    if pair.kind == "causal":
+        return BlockPlan(source, Part.ALL, Part.ALL, causal=True)
+    return BlockPlan(source, Part.ALL, Part.ALL, causal=False, mask=MaskedBlock(pair, kernel))
+
+
+@dataclass(frozen=True)
+class MaskedPlans:
+    """Every rank's ring plans (truncated to the steps some rank needs), and their work."""
+
+    plans: tuple[tuple[BlockPlan | None, ...], ...]  # [rank][step]
+    visible: tuple[int, ...]  # visible (row, query, key) triples per rank
+
+    @property
+    def steps(self) -> int:
+        return len(self.plans[0])
+
+    def for_rank(self, rank: int) -> tuple[tuple[BlockPlan | None, ...], BlockPlan | None]:
+        """``(plans, next rank's last plan)`` as :class:`ringattn.ring.RingCall` takes them."""
+        nxt = self.plans[(rank + 1) % len(self.plans)]
+        return self.plans[rank], nxt[-1]
+
+
+_CACHE: OrderedDict[tuple, MaskedPlans] = OrderedDict()
+_CACHE_LIMIT = 64
+
+
+def ring_plans(
+    spec: MaskSpec, placement: Placement, kernel: str, head_offset: int = 0
+) -> MaskedPlans:
+    """The plans of a ring over ``placement``'s ranks under ``spec`` (cached)."""
+    key = (spec.key, placement, kernel, head_offset)
+    found = _CACHE.get(key)
+    if found is not None:
+        _CACHE.move_to_end(key)
+        return found
+    world = placement.world_size
+    table: list[list[BlockPlan | None]] = []
+    visible = []
+    for rank in range(world):
+        qpos = placement.positions(rank)
+        row: list[BlockPlan | None] = []
+        seen = 0
+        for step in range(world):
+            source = (rank - step) % world
+            pair = PairMask.build(spec, qpos, placement.positions(source), head_offset)
+            seen += pair.visible
+            row.append(block_plan(pair, source, kernel, keep_empty=step == 0))
+        table.append(row)
+        visible.append(seen)
+    last = max(max(s for s, p in enumerate(row) if p is not None) for row in table)
+    plans = tuple(tuple(row[: last + 1]) for row in table)
+    found = MaskedPlans(plans, tuple(visible))
+    _CACHE[key] = found
+    if len(_CACHE) > _CACHE_LIMIT:
+        _CACHE.popitem(last=False)
+    return found
+
+
+def single_plan(
+    spec: MaskSpec,
+    placement: Placement,
+    rank: int | None,
+    kernel: str,
+    head_offset: int = 0,
+) -> BlockPlan:
+    """One pair against the whole sequence: the queries of ``rank`` (every position when
+    None, as after a Ulysses all-to-all) against every key, as the all-gather and Ulysses
+    strategies compute it in one kernel call (cached)."""
+    every = tuple(range(placement.seq_len // placement.chunk))
+    q_ids = every if rank is None else placement.ids[rank]
+    key = ("single", spec.key, q_ids, placement.chunk, kernel, head_offset)
+    plan = _SINGLE.get(key)
+    if plan is None:
+        qpos = Placement(placement.chunk, (q_ids,)).positions(0)
+        kpos = torch.arange(placement.seq_len)
+        pair = PairMask.build(spec, qpos, kpos, head_offset)
+        plan = block_plan(pair, 0, kernel, keep_empty=True)
+        assert plan is not None
+        if len(_SINGLE) >= _CACHE_LIMIT:
+            _SINGLE.clear()
+        _SINGLE[key] = plan
+    return plan
+
+
+_SINGLE: dict[tuple, BlockPlan] = {}
+
+
+def density(spec: MaskSpec) -> float:
+    """Visible (query, key) pairs over those of the unmasked causal (or full) attention the
+    cost model prices, for the planner."""
+    from .balance import position_work
+
+    rows = spec.documents.rows if spec.documents is not None else 1
+    s = spec.seq_len
+    dense = rows * (s * (s + 1) / 2 if spec.causal else s * s)
+    return float(position_work(spec).sum()) / dense if dense else 1.0

@@ -1,0 +1,216 @@
+"""Attention on one block pair under a mask: ``(out, lse)`` forward, ``(dq, dk, dv)`` backward.
+
+The same interface as :mod:`ringattn.kernels` (the backward takes the *final* output and lse
+of the query rows, so block gradients simply add up), for pairs whose
+:class:`~ringattn.masks.PairMask` is ``partial``. Rows that see no key return output 0 and
+lse = -inf, which the merge treats as adding nothing.
+
+- ``math`` (any device, any dtype; the CPU path): the explicit boolean mask of the pair,
+  scores filled with -inf where it is False, the softmax and its gradient written out in
+  float32 (float64 for float64).
+- ``flex`` (CUDA): compiled FlexAttention with a BlockMask made from the pair's tile facts
+  without evaluating any mask: tiles no query row of a tile reaches are skipped, tiles every
+  row sees whole run without a mask, the rest apply the key ranges (and the mask function)
+  per element. FlexAttention's own backward works from its own block output and lse; the
+  backward here recomputes the block forward and feeds autograd gradients for both so that
+  the result is the block's share of the *full* attention's gradient:
+  with ``w = exp(lse_block - lse)``, ``d out_block = w * dout`` and
+  ``d lse_block = w * (rowsum(dout * out_block) - rowsum(dout * out))``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .kernels import _math_backward, _math_forward, accumulation_dtype
+from .masks import PairMask
+
+__all__ = ["MASKED_KERNELS", "MaskedBlock", "flex_available", "masked_kernel_for"]
+
+MASKED_KERNELS: tuple[str, ...] = ("math", "flex")
+_TILE = 128
+
+
+@functools.cache
+def flex_available() -> bool:
+    """Whether FlexAttention (torch >= 2.5) can be imported."""
+    try:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def masked_kernel_for(device: torch.device, backend: str) -> str:
+    """The masked kernel partial pairs use: ``flex`` on CUDA where it exists, else ``math``."""
+    if device.type == "cuda" and backend != "math" and flex_available():
+        return "flex"
+    return "math"
+
+
+@functools.cache
+def _compiled_flex() -> Any:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False, fullgraph=True)
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: Any, scale: float) -> tuple[Tensor, Tensor]:
+    if q.device.type == "cuda":
+        fn = _compiled_flex()
+    else:  # the eager reference implementation (forward only): for tests on CPU
+        from torch.nn.attention.flex_attention import flex_attention as fn
+    if _aux_request() is not None:
+        out, aux = fn(
+            q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True, return_aux=_aux_request()
+        )
+        return out, aux.lse
+    out, lse = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True, return_lse=True)
+    return out, lse
+
+
+@functools.cache
+def _aux_request() -> Any:
+    """``AuxRequest(lse=True)`` where this torch has it (return_lse is deprecated there)."""
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:
+        return None
+    return AuxRequest(lse=True)
+
+
+def _mask5(mask: Tensor, kv_heads: int, groups: int) -> Tensor:
+    """``[R, 1 or H, Sq, Sk]`` -> ``[R, 1 or Hkv, 1 or G, Sq, Sk]`` for the grouped scores."""
+    if mask.size(1) == 1:
+        return mask.unsqueeze(2)
+    return mask.unflatten(1, (kv_heads, groups))
+
+
+def build_block_mask(pair: PairMask, device: torch.device) -> Any:
+    """FlexAttention's BlockMask for ``pair``, on ``device``, from its tile facts."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    touched, full = pair.tile_facts(_TILE)
+    if pair.spec.mask_mod is not None:
+        full = torch.zeros_like(full)
+    partial = touched & ~full
+
+    def blocks(bits: Tensor) -> tuple[Tensor, Tensor]:
+        num = bits.sum(-1).to(torch.int32)
+        idx = torch.argsort((~bits).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return num.unsqueeze(1).to(device), idx.unsqueeze(1).contiguous().to(device)
+
+    kv_num, kv_idx = blocks(partial)
+    full_num, full_idx = blocks(full)
+    rows = pair.klo.size(0)
+    klo, khi = pair.klo.to(device), pair.khi.to(device)
+    qpos, kpos = pair.qpos.to(device), pair.kpos.to(device)
+    user, offset = pair.spec.mask_mod, pair.head_offset
+
+    if rows == 1:
+        klo1, khi1 = klo[0], khi[0]
+
+        def ranges(b: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+            return (ki >= klo1[qi]) & (ki < khi1[qi])
+    else:
+
+        def ranges(b: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+            return (ki >= klo[b, qi]) & (ki < khi[b, qi])
+
+    if user is None:
+
+        def mask_mod(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+            return ranges(b, qi, ki)
+    else:
+
+        def mask_mod(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+            return ranges(b, qi, ki) & user(b, h + offset, qpos[qi], kpos[ki])
+
+    return BlockMask.from_kv_blocks(
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=_TILE,
+        mask_mod=mask_mod,
+        seq_lengths=(pair.qpos.numel(), pair.kpos.numel()),
+    )
+
+
+class MaskedBlock:
+    """A partial block pair with its masked kernel and the device state it needs (the
+    explicit mask or the BlockMask), built on first use and kept with the plan."""
+
+    def __init__(self, pair: PairMask, kernel: str) -> None:
+        if kernel not in MASKED_KERNELS:
+            raise ValueError(f"masked kernel must be one of {MASKED_KERNELS}, got {kernel!r}")
+        self.pair = pair
+        self.kernel = kernel
+        self._state: dict[tuple, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"MaskedBlock({self.kernel}, {self.pair.kind}, visible={self.pair.visible})"
+
+    def _dense(self, q: Tensor) -> Tensor:
+        key = ("dense", q.device, q.size(0), q.size(1))
+        mask = self._state.get(key)
+        if mask is None:
+            heads = q.size(1) if self.pair.spec.mask_mod is not None else 1
+            mask = self._state[key] = self.pair.dense(q.size(0), heads, q.device)
+        return mask
+
+    def block_mask(self, device: torch.device) -> Any:
+        key = ("flex", device)
+        bm = self._state.get(key)
+        if bm is None:
+            bm = self._state[key] = build_block_mask(self.pair, device)
+        return bm
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, Any]:
+        if self.kernel == "flex":
+            out, lse = _flex(q, k, v, self.block_mask(q.device), scale)
+            return out, lse, None
+        groups = q.size(1) // k.size(1)
+        mask = _mask5(self._dense(q), k.size(1), groups)
+        return _math_forward(q, k, v, False, scale, mask=mask)
+
+    def backward(
+        self,
+        dout: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        aux: Any,
+        scale: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        if self.kernel == "flex":
+            return _flex_backward(dout, q, k, v, out, lse, self.block_mask(q.device), scale)
+        groups = q.size(1) // k.size(1)
+        mask = _mask5(self._dense(q), k.size(1), groups)
+        return _math_backward(dout, q, k, v, out, lse, aux, False, scale, mask=mask)
+
+
+def _flex_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, bm: Any, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    with torch.enable_grad():
+        qd, kd, vd = (x.detach().requires_grad_() for x in (q, k, v))
+        out_b, lse_b = _flex(qd, kd, vd, bm, scale)
+    ct = accumulation_dtype(q.dtype)
+    lse_bf = lse_b.detach().to(ct)
+    # The block's share of each row's softmax mass; rows the block does not reach get 0.
+    w = torch.exp(lse_bf - lse.to(ct)).masked_fill(lse_bf == -math.inf, 0.0)
+    d_f = dout.to(ct)
+    delta_b = (d_f * out_b.detach().to(ct)).sum(-1)
+    delta = (d_f * out.to(ct)).sum(-1)
+    g_out = (d_f * w.unsqueeze(-1)).to(out_b.dtype)
+    g_lse = w * (delta_b - delta)
+    dq, dk, dv = torch.autograd.grad((out_b, lse_b), (qd, kd, vd), (g_out, g_lse))
+    return dq, dk, dv

@@ -1,0 +1,306 @@
+"""Masks (documents, windows, mask functions) on every entry point against float64 attention.
+
+One spawn per world size runs many random cases (see ``mask_cases.py``); the plan, the
+balanced layout and the masked kernels are checked in this process.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+import ringattn
+from mask_cases import make_cases, reference_attention, reference_mask, run_mask_cases
+from ringattn import masked_kernels
+from ringattn.balance import balanced_placement, layout_placement
+from ringattn.mask_plan import ring_plans
+from ringattn.masks import MaskSpec, PairMask
+
+from distributed import run_ranks
+
+WORLDS = {1: False, 2: False, 3: False, 4: True}  # world -> 2-D (2 x 2) mesh
+CASES = {1: 24, 2: 36, 3: 30, 4: 36}
+
+
+@pytest.fixture(scope="module")
+def spawned() -> dict[int, list[list[dict]]]:
+    return {
+        world: run_ranks(
+            run_mask_cases, world, two_d, make_cases(world, two_d, CASES[world], seed=world)
+        )
+        for world, two_d in WORLDS.items()
+    }
+
+
+@pytest.mark.parametrize("world", list(WORLDS))
+def test_masked_attention_matches_float64(spawned, world: int) -> None:
+    for rank, results in enumerate(spawned[world]):
+        cases = [r for r in results if "case" in r]
+        assert len(cases) == CASES[world]
+        bad = [(r["case"], r["bad"]) for r in cases if r["bad"]]
+        assert not bad, f"world {world} rank {rank}: {len(bad)} failing, first: {bad[:2]}"
+
+
+@pytest.mark.parametrize("world", list(WORLDS))
+def test_bad_mask_arguments_raise_on_every_rank(spawned, world: int) -> None:
+    for rank, results in enumerate(spawned[world]):
+        found = results[-1]["errors_check"]
+        assert found.pop("after") == "ok", (rank, found)
+        for name, what in found.items():
+            assert what.startswith(("ValueError", "TypeError")), (world, rank, name, what)
+        assert "sum to the global sequence length" in found["lengths"]
+        assert "window" in found["window"]
+        assert "mask_mod raised" in found["mask_mod_raises"]
+        if world > 1:
+            assert "same mask" in found["differ"] or "rejected" in found["differ"], found
+
+
+def test_the_cases_cover_what_they_are_for() -> None:
+    cases = [c for w, two_d in WORLDS.items() for c in make_cases(w, two_d, CASES[w], seed=w)]
+    assert {c["entry"] for c in cases} >= {
+        "ring_attention",
+        "attention:ring",
+        "attention:allgather",
+        "attention:ulysses",
+        "attention:hybrid",
+        "attention:auto",
+    }
+    assert {c["docs"] for c in cases} == {
+        "lengths",
+        "cu_seqlens",
+        "position_ids",
+        "attention_mask",
+        "none",
+    }
+    assert {c["mask_mod"] for c in cases} >= {None, "prefix_lm", "odd_heads", "batch_gap"}
+    assert {str(c["window"]) for c in cases} >= {"None", "(0, 0)", "(100, 100)", "(-1, 2)"}
+    assert {c["causal"] for c in cases} == {True, False}
+    assert any(c["kv_heads"] < c["heads"] for c in cases)
+
+
+# --------------------------------------------------------------------------- one process
+
+
+def _heavy_tailed(rnd: random.Random, s: int, mean: int = 4096) -> list[int]:
+    lengths = [rnd.randint(s // 8, s // 4)]
+    while sum(lengths) < s:
+        n = max(1, int(rnd.lognormvariate(math.log(mean) - 0.5, 1.2)))
+        lengths.append(min(n, s - sum(lengths)))
+    rnd.shuffle(lengths)
+    return lengths
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_balanced_layout_is_within_five_percent(world: int) -> None:
+    rnd = random.Random(world)
+    for s in (65536, 262144):
+        for _ in range(3):
+            docs = ringattn.Documents.from_lengths(_heavy_tailed(rnd, s))
+            assert ringattn.layout_imbalance(docs, world) <= 1.05
+            placement = balanced_placement(docs, world)
+            assert {len(i) for i in placement.ids} == {len(placement.ids[0])}  # equal tokens
+            assert sorted(c for i in placement.ids for c in i) == list(
+                range(world * len(placement.ids[0]))
+            )
+
+
+def _computed(plan, pair_q, pair_k) -> torch.Tensor:
+    """The (query, key) pairs a plan computes with a nonzero weight ``[R, Sq, Sk]``."""
+    sq, sk = pair_q.numel(), pair_k.numel()
+    if plan.mask is not None:
+        return plan.mask.pair.dense(1, 1)[:, 0]
+    if plan.causal:
+        return torch.ones(sq, sk, dtype=torch.bool).tril().unsqueeze(0)
+    return torch.ones(1, sq, sk, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_ring_plan_computes_every_visible_pair_once_and_skips_empty_ones(world: int) -> None:
+    rnd = random.Random(10 + world)
+    for trial in range(12):
+        s = world * rnd.choice([4, 6, 8, 12])
+        style = trial % 3
+        if style == 0:
+            lengths = [max(1, int(rnd.expovariate(0.3))) for _ in range(s)]
+            while sum(lengths) > s:
+                lengths.pop()
+            lengths.append(s - sum(lengths)) if sum(lengths) < s else None
+            docs = ringattn.Documents.from_lengths(lengths)
+        elif style == 1:
+            docs = ringattn.Documents.from_lengths([s])
+        else:
+            docs = None
+        causal = rnd.random() < 0.7
+        window = rnd.choice([None, (0, 0), (2, 0), (3, 1), (s, s)])
+        spec = MaskSpec.build(docs, causal, window, None, s)
+        layout = rnd.choice(["zigzag", "contiguous"])
+        placement = (
+            balanced_placement(docs, world)
+            if docs is not None
+            else layout_placement(s, world, layout)
+        )
+        plans = ring_plans(spec, placement, "math")
+        seen = torch.zeros(docs.rows if docs is not None else 1, s, s, dtype=torch.long)
+        for rank in range(world):
+            qpos = placement.positions(rank)
+            for step, plan in enumerate(plans.plans[rank]):
+                source = (rank - step) % world
+                kpos = placement.positions(source)
+                pair = PairMask.build(spec, qpos, kpos)
+                if plan is None:
+                    assert pair.visible == 0
+                    continue
+                assert step == 0 or pair.visible > 0, "a non-empty plan on an empty pair"
+                assert plan.source == source
+                hits = _computed(plan, qpos, kpos)
+                seen[:, qpos.view(-1, 1), kpos.view(1, -1)] += hits.long()
+            # Steps past the truncation are empty for this rank too.
+            for step in range(plans.steps, world):
+                source = (rank - step) % world
+                assert PairMask.build(spec, qpos, placement.positions(source)).visible == 0
+        want = reference_mask(
+            dict(
+                batch=docs.rows if docs is not None else 1,
+                heads=1,
+                seq=s,
+                segments=[(n, False) for n in _lengths_of(docs, s)],
+                causal=causal,
+                window=window,
+                mask_mod=None,
+            )
+        )[:, 0]
+        assert torch.equal(seen, want.long()), (trial, world, causal, window)
+
+
+def _lengths_of(docs, s: int) -> list[int]:
+    if docs is None:
+        return [s]
+    ids = docs.doc_ids[0]
+    return torch.unique_consecutive(ids, return_counts=True)[1].tolist()
+
+
+def test_a_window_reaches_only_its_neighbours() -> None:
+    world, s = 8, 8 * 64
+    for w, reach in ((0, 0), (1, 1), (63, 1), (64, 1), (65, 2), (130, 3), (1000, 7)):
+        spec = MaskSpec.build(None, True, (w, 0), None, s)
+        plans = ring_plans(spec, layout_placement(s, world, "contiguous"), "math")
+        assert plans.steps == reach + 1, (w, plans.steps)
+
+
+def test_merge_adds_nothing_for_rows_that_see_nothing() -> None:
+    from ringattn.merge import merge_eager
+
+    acc = torch.randn(1, 1, 3, 4)
+    acc_lse = torch.tensor([[[0.5, -math.inf, 1.0]]])
+    before = acc.clone()
+    merge_eager(acc, acc_lse, torch.zeros(1, 1, 3, 4), torch.full((1, 1, 3), -math.inf))
+    assert torch.equal(acc, before)
+    assert torch.equal(acc_lse, torch.tensor([[[0.5, -math.inf, 1.0]]]))
+
+
+def test_documents_constructors_agree() -> None:
+    a = ringattn.Documents.from_lengths([3, 1, 4])
+    b = ringattn.Documents.from_cu_seqlens([0, 3, 4, 8])
+    c = ringattn.Documents.from_position_ids(torch.tensor([0, 1, 2, 0, 0, 1, 2, 3]))
+    assert a == b == c and a.seq_len == 8 and a.batch_size is None
+    d = ringattn.Documents.from_attention_mask(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0]]))
+    assert d.batch_size == 2
+    m = d.dense_mask(causal=True)
+    assert not m[0, 0, :2].any() and not m[0, 0, :, :2].any() and m[0, 0, 3, 2]
+    assert not m[1, 0, 3].any() and m[1, 0, 2, :3].all()
+    with pytest.raises(ValueError, match="padding inside a row"):
+        ringattn.Documents.from_attention_mask(torch.tensor([[1, 0, 1, 1]]))
+    with pytest.raises(ValueError, match="same sequence length"):
+        ringattn.Documents.from_lengths([[2, 2], [3]])
+
+
+def test_shard_round_trip_with_documents() -> None:
+    docs = ringattn.Documents.from_lengths([5, 11, 1, 7])
+    for world in (2, 3, 4):
+        placement = balanced_placement(docs, world)
+        order = placement.permutation()
+        assert sorted(order.tolist()) == list(range(24))
+        for r in range(world):
+            pos = placement.positions(r)
+            assert pos.numel() == 24 // world and torch.equal(pos, pos.sort().values)
+
+
+def _pair_for_kernels(seed: int):
+    rnd = random.Random(seed)
+    s = 40
+    docs = ringattn.Documents.from_lengths([7, 1, 20, 12])
+    spec = MaskSpec.build(docs, True, (9, 0), None, s)
+    qpos = torch.tensor(sorted(rnd.sample(range(s), 16)))
+    kpos = torch.tensor(sorted(rnd.sample(range(s), 24)))
+    return spec, PairMask.build(spec, qpos, kpos)
+
+
+def test_flex_block_mask_forward_matches_the_explicit_mask() -> None:
+    if not masked_kernels.flex_available():
+        pytest.skip("FlexAttention is not in this torch")
+    spec, pair = _pair_for_kernels(0)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 16, 16, generator=g)
+    k = torch.randn(2, 2, 24, 16, generator=g)
+    v = torch.randn(2, 2, 24, 16, generator=g)
+    flex = masked_kernels.MaskedBlock(pair, "flex")
+    math_ = masked_kernels.MaskedBlock(pair, "math")
+    out_f, lse_f, _ = flex.forward(q, k, v, 0.25)
+    out_m, lse_m, _ = math_.forward(q, k, v, 0.25)
+    assert torch.equal(torch.isinf(lse_f), torch.isinf(lse_m))
+    finite = torch.isfinite(lse_m)
+    torch.testing.assert_close(lse_f[finite], lse_m[finite], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_f, out_m, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_backward_gives_the_share_of_the_full_gradient(monkeypatch) -> None:
+    """The recompute-and-reweight backward of the flex path, with a differentiable float64
+    stand-in for FlexAttention (its own backward does not run on CPU)."""
+    spec, pair = _pair_for_kernels(1)
+    dense = pair.dense(1, 1)
+
+    def stand_in(q, k, v, block_mask, scale):
+        mask = dense.unsqueeze(2)
+        return reference_math(q, k, v, mask, scale)
+
+    monkeypatch.setattr(masked_kernels, "_flex", stand_in)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, 16, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 2, 24, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 2, 24, 8, generator=g, dtype=torch.float64)
+    dout = torch.randn(1, 4, 16, 8, generator=g, dtype=torch.float64)
+    # A final output and lse that include a second, made-up block of mass.
+    block = masked_kernels.MaskedBlock(pair, "math")
+    out_b, lse_b, _ = block.forward(q, k, v, 0.3)
+    extra_lse = torch.randn(1, 4, 16, generator=g, dtype=torch.float64)
+    extra_out = torch.randn(1, 4, 16, 8, generator=g, dtype=torch.float64)
+    lse = torch.logaddexp(lse_b, extra_lse)
+    out = torch.exp(lse_b - lse).nan_to_num(0).unsqueeze(-1) * out_b
+    out = out + torch.exp(extra_lse - lse).unsqueeze(-1) * extra_out
+    want = block.backward(dout, q, k, v, out, lse, None, 0.3)
+    got = masked_kernels._flex_backward(dout, q, k, v, out, lse, None, 0.3)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def reference_math(q, k, v, mask5, scale):
+    groups = q.size(1) // k.size(1)
+    qg = q.unflatten(1, (k.size(1), groups))
+    s = (qg @ k.unsqueeze(2).transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask5, -math.inf)
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0).unsqueeze(-1))
+    out = p @ v.unsqueeze(2)
+    return out.flatten(1, 2), lse.flatten(1, 2)
+
+
+def test_reference_attention_zeroes_rows_that_see_nothing() -> None:
+    q = torch.randn(1, 1, 3, 4, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[[[True, False, False], [False, False, False], [True, True, True]]]])
+    out, lse = reference_attention(q, q, q, mask, 0.5)
+    out.sum().backward()
+    assert torch.equal(out[0, 0, 1], torch.zeros(4, dtype=torch.float64))
+    assert lse[0, 0, 1] == -math.inf and torch.isfinite(q.grad).all()
