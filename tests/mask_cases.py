@@ -342,3 +342,77 @@ def run_bad_inputs(rank: int, world: int) -> dict:
     out = call(documents=good)
     found["after"] = "ok" if bool(torch.isfinite(out).all()) else "bad"
     return found
+
+
+# --------------------------------------------------------------------------- fuzz
+
+
+def fuzz_cases(world: int, two_d: bool, examples: int) -> list[dict]:
+    """Cases drawn by Hypothesis (derandomized: the same on every rank and every run).
+
+    Hypothesis only generates here; the cases run like the others, in the same spawn, so
+    the search costs no extra process start.
+    """
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
+
+    entries = ["ring_attention", "attention:ring", "attention:allgather", "attention:ulysses"]
+    entries += ["attention:hybrid"] if two_d else []
+    found: list[dict] = []
+
+    @settings(
+        max_examples=examples,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(st.data())
+    def search(data) -> None:
+        entry = data.draw(st.sampled_from(entries))
+        s = world * data.draw(st.integers(1, 10))
+        kind = data.draw(st.sampled_from(["lengths", "attention_mask", "none"]))
+        batch = data.draw(st.integers(1, 2))
+        kv_heads = data.draw(st.integers(1, 2))
+        heads = kv_heads * (world if entry in ("attention:ulysses", "attention:hybrid") else 2)
+        if kind == "none":
+            s = 2 * world * data.draw(st.integers(1, 4))
+            segments: list = [(s, False)]
+        else:
+            cuts = (
+                data.draw(st.lists(st.integers(1, s - 1), max_size=6, unique=True)) if s > 1 else []
+            )
+            bounds = [0, *sorted(cuts), s]
+            lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+            if kind == "attention_mask":
+                pad = data.draw(st.integers(0, lengths[-1] - 1)) if lengths[-1] > 1 else 0
+                body = [(n, False) for n in lengths[:-1]] + [(lengths[-1] - pad, False)]
+                segments = [body + [(pad, True)] for _ in range(batch)]
+            else:
+                segments = [(n, False) for n in lengths]
+        left = data.draw(st.integers(-1, s + 1))
+        right = data.draw(st.integers(-1, s + 1))
+        window = data.draw(st.sampled_from([None, (left, right)]))
+        found.append(
+            dict(
+                entry=entry,
+                docs=kind,
+                segments=segments,
+                seq=s,
+                batch=batch,
+                heads=heads,
+                kv_heads=kv_heads,
+                dim=4,
+                causal=data.draw(st.booleans()),
+                window=window,
+                mask_mod=data.draw(st.sampled_from([None, "prefix_lm", "odd_heads", "batch_gap"])),
+                layout=data.draw(st.sampled_from(["zigzag", "contiguous"])),
+                dtype="float64",
+                backend=data.draw(st.sampled_from(["math", "cpu"])),
+                seed=data.draw(st.integers(0, 2**16)),
+            )
+        )
+
+    search()
+    return found

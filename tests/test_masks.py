@@ -13,7 +13,13 @@ import pytest
 import torch
 
 import ringattn
-from mask_cases import make_cases, reference_attention, reference_mask, run_mask_cases
+from mask_cases import (
+    fuzz_cases,
+    make_cases,
+    reference_attention,
+    reference_mask,
+    run_mask_cases,
+)
 from ringattn import masked_kernels
 from ringattn.balance import balanced_placement, layout_placement
 from ringattn.mask_plan import ring_plans
@@ -22,15 +28,23 @@ from ringattn.masks import MaskSpec, PairMask
 from distributed import run_ranks
 
 WORLDS = {1: False, 2: False, 3: False, 4: True}  # world -> 2-D (2 x 2) mesh
-CASES = {1: 24, 2: 36, 3: 30, 4: 36}
+RANDOM = {1: 12, 2: 22, 3: 18, 4: 20}  # seeded random cases per world
+FUZZ = {1: 6, 2: 10, 3: 8, 4: 10}  # Hypothesis-drawn cases per world
+CASES = {w: RANDOM[w] + FUZZ[w] for w in WORLDS}
+
+
+def _cases(world: int) -> list[dict]:
+    two_d = WORLDS[world]
+    return make_cases(world, two_d, RANDOM[world], seed=world) + fuzz_cases(
+        world, two_d, FUZZ[world]
+    )
 
 
 @pytest.fixture(scope="module")
 def spawned() -> dict[int, list[list[dict]]]:
+    # One spawn per world size runs every case (starting ranks is the slow part).
     return {
-        world: run_ranks(
-            run_mask_cases, world, two_d, make_cases(world, two_d, CASES[world], seed=world)
-        )
+        world: run_ranks(run_mask_cases, world, two_d, _cases(world))
         for world, two_d in WORLDS.items()
     }
 
@@ -59,7 +73,8 @@ def test_bad_mask_arguments_raise_on_every_rank(spawned, world: int) -> None:
 
 
 def test_the_cases_cover_what_they_are_for() -> None:
-    cases = [c for w, two_d in WORLDS.items() for c in make_cases(w, two_d, CASES[w], seed=w)]
+    cases = [c for w in WORLDS for c in _cases(w)]
+    assert all(len(_cases(w)) == CASES[w] for w in WORLDS)
     assert {c["entry"] for c in cases} >= {
         "ring_attention",
         "attention:ring",
@@ -304,3 +319,22 @@ def test_reference_attention_zeroes_rows_that_see_nothing() -> None:
     out.sum().backward()
     assert torch.equal(out[0, 0, 1], torch.zeros(4, dtype=torch.float64))
     assert lse[0, 0, 1] == -math.inf and torch.isfinite(q.grad).all()
+
+
+def test_the_planner_prices_masked_work() -> None:
+    from ringattn.mask_plan import density
+    from ringattn.planner import Problem, load_calibration, plan
+
+    cal = load_calibration(device_type="cuda")
+    base = Problem(gpus=4, seq_len=131072, heads=32, kv_heads=8, head_dim=128)
+    window = MaskSpec.build(None, True, (4095, 0), None, 131072)
+    share = density(window)
+    assert 0.05 < share < 0.07  # 4K of 128K keys per row, against the causal half
+    masked = Problem(**{**base.__dict__, "density": share, "ring_steps": 2})
+    rows = {r.strategy: r for r in plan(base, cal)}
+    masked_rows = {r.strategy: r for r in plan(masked, cal)}
+    for name, row in rows.items():
+        assert masked_rows[name].compute_ms == pytest.approx(row.compute_ms * share, rel=0.02)
+    assert masked_rows["ring"].exposed_comm_ms <= rows["ring"].exposed_comm_ms
+    with pytest.raises(ValueError, match="density"):
+        plan(Problem(**{**base.__dict__, "density": 1.5}), cal)

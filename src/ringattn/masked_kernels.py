@@ -53,10 +53,20 @@ def masked_kernel_for(device: torch.device, backend: str) -> str:
     return "math"
 
 
+# Dynamo keeps this many compiled graphs per function before it gives up (fullgraph=True
+# then raises). Every block shape, and the forward (no grad) and the backward's recompute
+# (grad), is a graph of its own, and the user's own compiled flex_attention calls count
+# against the same function: the default of 8 is reached by a ring and a one-GPU baseline.
+_RECOMPILE_LIMIT = 64
+
+
 @functools.cache
 def _compiled_flex() -> Any:
     from torch.nn.attention.flex_attention import flex_attention
 
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), _RECOMPILE_LIMIT))
     return torch.compile(flex_attention, dynamic=False, fullgraph=True)
 
 
