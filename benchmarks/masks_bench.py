@@ -356,8 +356,9 @@ class Bench:
             masks["mask_mod"] = self.mask_mod(case)
             causal = False
         backend = "auto"
-        variants: list[tuple[str, str, str]] = [(f"ringattn-{s}", s, "zigzag") for s in STRATEGIES]
-        if case.kind == "window":
+        strategies = self.args.strategies or STRATEGIES
+        variants: list[tuple[str, str, str]] = [(f"ringattn-{s}", s, "zigzag") for s in strategies]
+        if case.kind == "window" and "ring" in strategies:
             variants.insert(1, ("ringattn-ring-contiguous", "ring", "contiguous"))
         positions = torch.arange(case.seq, device=self.device)[None]
         for method, strategy, layout in variants:
@@ -508,6 +509,7 @@ def main() -> None:
     p.add_argument("--window", type=int, default=4096)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--strategies", nargs="*", choices=STRATEGIES, help="ringattn rows to run")
     p.add_argument("--torch-cp", action="store_true", help="PyTorch's context_parallel rows only")
     p.add_argument("--skip-one-gpu", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="CPU, Gloo, tiny sizes, float32")
