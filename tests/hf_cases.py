@@ -177,11 +177,11 @@ def _shifted(labels: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _run_parallel(model, batch: dict, world: int) -> dict:
+def _run_parallel(model, batch: dict, world: int, layout: str = "zigzag") -> dict:
     """Forward+backward context-parallel: the full logits, the loss and the gradients."""
     import ringattn.integrations.transformers as hf
 
-    part = hf.shard_batch(batch)
+    part = hf.shard_batch(batch, layout=layout)
     shifted, count = part.pop("shift_labels"), part.pop("num_items_in_batch")
     del part["labels"]
     out = model(**part)
@@ -191,7 +191,7 @@ def _run_parallel(model, batch: dict, world: int) -> dict:
     if documents is not None:
         logits = ringattn.unshard(out.logits.detach(), dim=1, documents=documents)
     else:
-        logits = ringattn.unshard(out.logits.detach(), dim=1)
+        logits = ringattn.unshard(out.logits.detach(), dim=1, layout=layout)
     loss = out.loss.detach().clone()
     grads = _grads(model)
     dist.all_reduce(loss)
@@ -214,6 +214,11 @@ def run_masked_batches(rank: int, world: int) -> dict:
     for family, overrides in WINDOWED.items():
         model = _model(family, "ringattn", **overrides)
         found[f"window-{family}"] = _run_parallel(model, _batch_of(PACKED_SEQ), world)
+    # Every layer windowed: the contiguous layout (K/V travel to the next rank only).
+    hf.register(layout="contiguous")
+    model = _model("mistral", "ringattn", **WINDOWED["mistral"])
+    found["contiguous-mistral"] = _run_parallel(model, _batch_of(PACKED_SEQ), world, "contiguous")
+    hf.register()
     if world == 2:
         found["errors"] = run_errors(rank, world)
     return found
@@ -234,6 +239,7 @@ def one_process(name: str, world: int) -> dict:
     """
     kind, family = name.split("-")
     overrides = WINDOWED.get(family, {}) if kind != "padded" else {}
+    kind = "window" if kind == "contiguous" else kind
     model = _model(family, None, **overrides)
     if kind != "packed":
         batch = _padded() if kind == "padded" else _batch_of(PACKED_SEQ)

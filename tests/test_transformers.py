@@ -14,7 +14,14 @@ import pytest
 from distributed import run_ranks
 from hf_cases import loss_and_grads, one_process, run_masked_batches
 
-MASKED_CASES = ["packed-llama", "packed-mistral", "padded-llama", "window-mistral", "window-qwen2"]
+MASKED_CASES = [
+    "packed-llama",
+    "packed-mistral",
+    "padded-llama",
+    "window-mistral",
+    "window-qwen2",
+    "contiguous-mistral",
+]
 
 
 @pytest.mark.parametrize(
