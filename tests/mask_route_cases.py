@@ -9,7 +9,9 @@ mask built here from the document lengths (independent of the library's Document
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -33,26 +35,66 @@ def prefix_lm(b, h, q_idx, kv_idx):
     return (kv_idx < 5) | (kv_idx <= q_idx)
 
 
-# name: (entry point, causal, window, mask_mod)
-CASES: dict[str, tuple[str, bool, tuple[int, int] | None, Callable | None]] = {
-    "context_parallel": ("context_parallel", True, None, None),
-    "context_parallel_window": ("context_parallel", True, (3, 0), None),
-    "context_parallel_mask_mod": ("context_parallel", False, None, prefix_lm),
-    "dtensor": ("dtensor", True, None, None),
-    "dtensor_window_mask_mod": ("dtensor", False, (6, 2), prefix_lm),
-    "style": ("style", True, None, None),
-    "style_window": ("style", True, (4, 0), None),
+ENTRIES = ("context_parallel", "dtensor", "style")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One case: the entry point, the documents (lengths per row) and the masks."""
+
+    entry: str
+    causal: bool
+    window: tuple[int, int] | None = None
+    mask_mod: Callable | None = None
+    lengths: tuple[tuple[int, ...], ...] = tuple(tuple(row) for row in LENGTHS)
+
+    @property
+    def seq(self) -> int:
+        return sum(self.lengths[0])
+
+
+CASES: dict[str, Spec] = {
+    "context_parallel": Spec("context_parallel", True),
+    "context_parallel_window": Spec("context_parallel", True, (3, 0)),
+    "context_parallel_mask_mod": Spec("context_parallel", False, None, prefix_lm),
+    "dtensor": Spec("dtensor", True),
+    "dtensor_window_mask_mod": Spec("dtensor", False, (6, 2), prefix_lm),
+    "style": Spec("style", True),
+    "style_window": Spec("style", True, (4, 0)),
 }
 
 
-def dense_mask(causal: bool, window, mask_mod) -> torch.Tensor:
+def random_specs(world: int, count: int, seed: int) -> list[Spec]:
+    """Random document mixes (1-token documents, documents longer than a shard, per-row
+    lengths), windows from 0 to longer than the sequence, causal or not, on every route."""
+    rng = random.Random(seed)
+    specs = []
+    for n in range(count):
+        seq = 2 * world * rng.randint(1, 5)
+        rows = []
+        for _ in range(rng.choice((1, 2))):
+            cuts = sorted(rng.sample(range(1, seq), rng.randint(0, min(6, seq - 1))))
+            rows.append(tuple(b - a for a, b in zip([0, *cuts], [*cuts, seq])))
+        causal = rng.random() < 0.6
+        window = None
+        if rng.random() < 0.5:
+            left = rng.choice((0, 1, rng.randint(0, seq), seq + 3, -1))
+            right = 0 if causal else rng.choice((0, 2, rng.randint(0, seq), -1))
+            window = (left, right)
+        mask_mod = prefix_lm if rng.random() < 0.25 else None
+        specs.append(Spec(ENTRIES[n % len(ENTRIES)], causal, window, mask_mod, tuple(rows)))
+    return specs
+
+
+def dense_mask(spec: Spec) -> torch.Tensor:
     """``[B, 1, S, S]``: query i sees key j (same document, causal, window, mask_mod)."""
+    causal, window, mask_mod, seq = spec.causal, spec.window, spec.mask_mod, spec.seq
     rows = []
-    for row in LENGTHS:
+    for row in spec.lengths:
         doc = torch.repeat_interleave(torch.arange(len(row)), torch.tensor(row))
         rows.append(doc[:, None] == doc[None, :])
     mask = torch.stack(rows)[:, None]
-    i, j = torch.arange(SEQ)[:, None], torch.arange(SEQ)[None, :]
+    i, j = torch.arange(seq)[:, None], torch.arange(seq)[None, :]
     if causal:
         mask = mask & (j <= i)
     if window is not None:
@@ -100,20 +142,19 @@ class Attention(nn.Module):
         return a.transpose(1, 2).reshape(x.shape)
 
 
-def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(len(LENGTHS), SEQ, DIM, generator=g, dtype=torch.float64)
+def _inputs(spec: Spec) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3 + spec.seq)
+    x = torch.randn(len(spec.lengths), spec.seq, DIM, generator=g, dtype=torch.float64)
     return x, torch.randn(x.shape, generator=g, dtype=torch.float64)
 
 
-def reference(name: str) -> dict[str, torch.Tensor]:
+def reference(spec: Spec) -> dict[str, torch.Tensor]:
     """The case on one process: the module with the dense-mask attention."""
-    _, causal, window, mask_mod = CASES[name]
     torch.manual_seed(0)
-    module = Attention(causal)
-    x, dout = _inputs()
+    module = Attention(spec.causal)
+    x, dout = _inputs(spec)
     x.requires_grad_()
-    mask = dense_mask(causal, window, mask_mod)
+    mask = dense_mask(spec)
     out = module(x, attend=lambda q, k, v: masked_attention(q, k, v, mask))
     out.backward(dout)
     grads = {n: p.grad for n, p in module.named_parameters()}
@@ -132,13 +173,14 @@ def _gathered(module: nn.Module, out, dx, documents) -> dict[str, torch.Tensor]:
     return found
 
 
-def _run(name: str, world: int) -> dict[str, torch.Tensor]:
-    entry, causal, window, mask_mod = CASES[name]
+def _run(spec: Spec, world: int) -> dict[str, torch.Tensor]:
+    entry, causal, seq = spec.entry, spec.causal, spec.seq
     torch.manual_seed(0)
     module = Attention(causal)
-    documents = ringattn.Documents.from_lengths(LENGTHS)
-    x, dout = _inputs()
-    masks = {"window": window, "mask_mod": mask_mod}
+    lengths = [list(row) for row in spec.lengths]
+    documents = ringattn.Documents.from_lengths(lengths if len(lengths) > 1 else lengths[0])
+    x, dout = _inputs(spec)
+    masks = {"window": spec.window, "mask_mod": spec.mask_mod}
     if entry == "context_parallel":
         with ringattn.context_parallel(None, [x, dout], [1, 1], documents=documents, **masks):
             local = x.detach().requires_grad_()
@@ -152,8 +194,8 @@ def _run(name: str, world: int) -> dict[str, torch.Tensor]:
 
         def attend(q, k, v):
             def sequence_sharded(t: torch.Tensor) -> DTensor:
-                shape = (*t.shape[:2], SEQ, t.size(3))
-                stride = (shape[1] * SEQ * shape[3], SEQ * shape[3], shape[3], 1)
+                shape = (*t.shape[:2], seq, t.size(3))
+                stride = (shape[1] * seq * shape[3], seq * shape[3], shape[3], 1)
                 return DTensor.from_local(t, mesh, [Shard(2)], shape=shape, stride=stride)
 
             q, k, v = (sequence_sharded(t) for t in (q, k, v))
@@ -206,7 +248,21 @@ def _errors(world: int) -> dict[str, tuple[str, str]]:
     return found
 
 
-def run_mask_routes(rank: int, world: int) -> dict:
-    found: dict = {name: _run(name, world) for name in CASES}
-    found["errors"] = _errors(world)
+def _relative_errors(got: dict, want: dict) -> dict[str, float]:
+    return {
+        k: float((got[k] - want[k]).abs().max() / want[k].abs().max().clamp(min=1e-300))
+        for k in want
+    }
+
+
+def run_mask_routes(rank: int, world: int, count: int, seed: int) -> dict:
+    """The named cases (full results), ``count`` random ones (their relative errors
+    against the reference, computed here), and the errors, on one process group."""
+    found: dict = {name: _run(spec, world) for name, spec in CASES.items()}
+    found["random"] = [
+        (spec, _relative_errors(_run(spec, world), reference(spec)))
+        for spec in random_specs(world, count, seed)
+    ]
+    if world == 2:
+        found["errors"] = _errors(world)
     return found
