@@ -3,6 +3,8 @@ model on one process (importable by spawned ranks)."""
 
 from __future__ import annotations
 
+import random
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -112,15 +114,29 @@ PACKED_SEQ = 48
 PACKED_LENGTHS = [[1, 20, 3, 24], [30, 1, 1, 16]]
 
 
-def _packed(world: int) -> tuple[dict, list[list[int]]]:
+RANDOM_PACKED = 3  # random packed batches per world size
+
+
+def _lengths(kind: str) -> list[list[int]]:
+    """``"packed"``: the fixed mix; ``"randomN"``: random cuts of each row (seeded)."""
+    if kind == "packed":
+        return PACKED_LENGTHS
+    rng = random.Random(int(kind.removeprefix("random")))
+    rows = []
+    for _ in range(rng.choice((1, 2))):
+        cuts = sorted(rng.sample(range(1, PACKED_SEQ), rng.randint(1, 9)))
+        rows.append([b - a for a, b in zip([0, *cuts], [*cuts, PACKED_SEQ])])
+    return rows
+
+
+def _packed(world: int, kind: str = "packed") -> tuple[dict, list[list[int]]]:
+    lengths = _lengths(kind)
     g = torch.Generator().manual_seed(7 + world)
-    ids = torch.randint(0, VOCAB, (len(PACKED_LENGTHS), PACKED_SEQ), generator=g)
-    positions = torch.cat(
-        [torch.cat([torch.arange(n) for n in row])[None] for row in PACKED_LENGTHS]
-    )
+    ids = torch.randint(0, VOCAB, (len(lengths), PACKED_SEQ), generator=g)
+    positions = torch.cat([torch.cat([torch.arange(n) for n in row])[None] for row in lengths])
     labels = ids.clone()
     labels[positions == 0] = IGNORE
-    return {"input_ids": ids, "labels": labels, "position_ids": positions}, PACKED_LENGTHS
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}, lengths
 
 
 IGNORE = -100
@@ -210,6 +226,10 @@ def run_masked_batches(rank: int, world: int) -> dict:
     for family, overrides in (("llama", {}), ("mistral", WINDOWED["mistral"])):
         model = _model(family, "ringattn", **overrides)
         found[f"packed-{family}"] = _run_parallel(model, _packed(world)[0], world)
+    for n in range(RANDOM_PACKED):
+        model = _model("llama", "ringattn")
+        kind = f"random{n}"
+        found[f"{kind}-llama"] = _run_parallel(model, _packed(world, kind)[0], world)
     found["padded-llama"] = _run_parallel(_model("llama", "ringattn"), _padded(), world)
     for family, overrides in WINDOWED.items():
         model = _model(family, "ringattn", **overrides)
@@ -241,14 +261,14 @@ def one_process(name: str, world: int) -> dict:
     overrides = WINDOWED.get(family, {}) if kind != "padded" else {}
     kind = "window" if kind == "contiguous" else kind
     model = _model(family, None, **overrides)
-    if kind != "packed":
+    if kind != "packed" and not kind.startswith("random"):
         batch = _padded() if kind == "padded" else _batch_of(PACKED_SEQ)
         shifted = _shifted(batch.pop("labels"))
         logits = model(**batch).logits
         loss = _loss(logits, shifted, (shifted != IGNORE).sum())
         loss.backward()
         return {"logits": logits.detach(), "loss": float(loss.detach()), "grads": _grads(model)}
-    batch, lengths = _packed(world)
+    batch, lengths = _packed(world, kind)
     ids, labels = batch["input_ids"], batch["labels"]
     count = sum(sum(n - 1 for n in row) for row in lengths)
     logits = torch.zeros(*ids.shape, VOCAB, dtype=torch.float64)

@@ -21,6 +21,9 @@ MASKED_CASES = [
     "window-mistral",
     "window-qwen2",
     "contiguous-mistral",
+    "random0-llama",  # random packed mixes (hf_cases.RANDOM_PACKED)
+    "random1-llama",
+    "random2-llama",
 ]
 
 
