@@ -30,7 +30,19 @@ def first_row_only_gap(b, h, q, kv):
     return (b == 1) | (q - kv != 1)
 
 
-MASK_MODS = {"prefix_lm": prefix_lm, "odd_heads": odd_heads_skip, "batch_gap": first_row_only_gap}
+BLOCK_OF = torch.arange(4096) // 7  # a captured tensor, indexed as FlexAttention users do
+
+
+def same_block_of_7(b, h, q, kv):
+    return BLOCK_OF[q] == BLOCK_OF[kv]
+
+
+MASK_MODS = {
+    "prefix_lm": prefix_lm,
+    "odd_heads": odd_heads_skip,
+    "batch_gap": first_row_only_gap,
+    "block7": same_block_of_7,
+}
 
 
 def _mask_mod_ref(name: str, b: int, h: int, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
@@ -38,6 +50,8 @@ def _mask_mod_ref(name: str, b: int, h: int, i: torch.Tensor, j: torch.Tensor) -
         return (j < PREFIX) | (j <= i)
     if name == "odd_heads":
         return torch.full_like(i + j, h % 2 == 0, dtype=torch.bool) | ((i + j) % 3 != 0)
+    if name == "block7":
+        return (i // 7) == (j // 7)
     assert name == "batch_gap"
     return torch.full_like(i + j, b == 1, dtype=torch.bool) | (i - j != 1)
 
@@ -177,7 +191,7 @@ def make_cases(world: int, two_d: bool, count: int, seed: int) -> list[dict]:
             segments = [[(x, False) for x in _random_lengths(rnd, s, style)] for _ in range(2)]
         else:
             segments = [(x, False) for x in _random_lengths(rnd, s, style)]
-        mask_mod = rnd.choice([None, None, None, "prefix_lm", "odd_heads", "batch_gap"])
+        mask_mod = rnd.choice([None, None, None, "prefix_lm", "odd_heads", "batch_gap", "block7"])
         dtype, backend = rnd.choice(
             [("float64", "math"), ("float64", "math"), ("float32", "cpu"), ("float64", "cpu")]
         )
@@ -406,7 +420,9 @@ def fuzz_cases(world: int, two_d: bool, examples: int) -> list[dict]:
                 dim=4,
                 causal=data.draw(st.booleans()),
                 window=window,
-                mask_mod=data.draw(st.sampled_from([None, "prefix_lm", "odd_heads", "batch_gap"])),
+                mask_mod=data.draw(
+                    st.sampled_from([None, "prefix_lm", "odd_heads", "batch_gap", "block7"])
+                ),
                 layout=data.draw(st.sampled_from(["zigzag", "contiguous"])),
                 dtype="float64",
                 backend=data.draw(st.sampled_from(["math", "cpu"])),

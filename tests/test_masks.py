@@ -90,7 +90,7 @@ def test_the_cases_cover_what_they_are_for() -> None:
         "attention_mask",
         "none",
     }
-    assert {c["mask_mod"] for c in cases} >= {None, "prefix_lm", "odd_heads", "batch_gap"}
+    assert {c["mask_mod"] for c in cases} >= {None, "prefix_lm", "odd_heads", "batch_gap", "block7"}
     assert {str(c["window"]) for c in cases} >= {"None", "(0, 0)", "(100, 100)", "(-1, 2)"}
     assert {c["causal"] for c in cases} == {True, False}
     assert any(c["kv_heads"] < c["heads"] for c in cases)
@@ -114,7 +114,10 @@ def test_balanced_layout_is_within_five_percent(world: int) -> None:
     for s in (65536, 262144):
         for _ in range(3):
             docs = ringattn.Documents.from_lengths(_heavy_tailed(rnd, s))
+            # One layout for causal, bidirectional and windowed layers.
             assert ringattn.layout_imbalance(docs, world) <= 1.05
+            assert ringattn.layout_imbalance(docs, world, causal=False) <= 1.05
+            assert ringattn.layout_imbalance(docs, world, window=(4095, 0)) <= 1.05
             placement = balanced_placement(docs, world)
             assert {len(i) for i in placement.ids} == {len(placement.ids[0])}  # equal tokens
             assert sorted(c for i in placement.ids for c in i) == list(
@@ -157,11 +160,14 @@ def test_ring_plan_computes_every_visible_pair_once_and_skips_empty_ones(world: 
             if docs is not None
             else layout_placement(s, world, layout)
         )
-        plans = ring_plans(spec, placement, "math")
         seen = torch.zeros(docs.rows if docs is not None else 1, s, s, dtype=torch.long)
         for rank in range(world):
+            plans = ring_plans(spec, placement, "math", rank)
+            nxt = ring_plans(spec, placement, "math", (rank + 1) % world)
+            assert plans.steps == nxt.steps  # every rank runs the same number of steps
+            assert (plans.next_last_plan is None) == (nxt.plans[-1] is None)
             qpos = placement.positions(rank)
-            for step, plan in enumerate(plans.plans[rank]):
+            for step, plan in enumerate(plans.plans):
                 source = (rank - step) % world
                 kpos = placement.positions(source)
                 pair = PairMask.build(spec, qpos, kpos)
@@ -201,8 +207,9 @@ def test_a_window_reaches_only_its_neighbours() -> None:
     world, s = 8, 8 * 64
     for w, reach in ((0, 0), (1, 1), (63, 1), (64, 1), (65, 2), (130, 3), (1000, 7)):
         spec = MaskSpec.build(None, True, (w, 0), None, s)
-        plans = ring_plans(spec, layout_placement(s, world, "contiguous"), "math")
-        assert plans.steps == reach + 1, (w, plans.steps)
+        for rank in range(world):
+            plans = ring_plans(spec, layout_placement(s, world, "contiguous"), "math", rank)
+            assert plans.steps == reach + 1, (w, rank, plans.steps)
 
 
 def test_merge_adds_nothing_for_rows_that_see_nothing() -> None:

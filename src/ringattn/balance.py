@@ -8,17 +8,20 @@ layout of :func:`balanced_placement`, which is what :func:`ringattn.shard` cuts 
 documents, and what every entry point reads.
 
 Balance without padding documents: the sequence is cut into ``N x m`` chunks (``m`` up to
-16 per rank), each chunk's work -- the keys its query rows see under causal attention within
-their document, summed over batch rows -- is computed from the document boundaries, and
-chunks go to ranks greedily, largest work first, each to the rank with the least work that
-still has room (a longest-processing-time schedule with equal cardinality). Swaps of one
-chunk of the busiest rank against one chunk of another then lower the maximum while they
-can. One permutation serves every batch row, so tokens per rank stay equal.
+16 per rank), and each chunk's work -- the keys its query rows see within their document,
+summed over batch rows -- is computed from the document boundaries for three kinds of layer
+(causal, bidirectional, a causal 4K window), so that one layout serves every layer of a
+model. Chunks go to ranks greedily, largest first, each to the rank whose largest
+(normalised) load grows least among those with room (a longest-processing-time schedule
+with equal cardinality); swaps of one chunk of the costliest rank against one chunk of
+another then lower the maximum while they can. One permutation serves every batch row, so
+tokens per rank stay equal.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +39,13 @@ __all__ = [
 ]
 
 _MAX_CHUNKS_PER_RANK = 16
+# The kinds of layer one layout is balanced for at once: causal, bidirectional, and a causal
+# sliding window of 4K (as in Mistral's and Gemma's windowed layers).
+_BALANCED_FOR: tuple[tuple[bool, tuple[int, int] | None], ...] = (
+    (True, None),
+    (False, None),
+    (True, (4095, 0)),
+)
 
 
 @dataclass(frozen=True)
@@ -124,7 +134,7 @@ def layout_imbalance(
     return float(work.max()) / mean if mean > 0 else 1.0
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=8)  # a batch's documents, reused by every layer
 def balanced_placement(documents: Documents, world_size: int) -> Placement:
     """The work-balanced placement of ``documents`` over ``world_size`` ranks (cached).
 
@@ -139,42 +149,52 @@ def balanced_placement(documents: Documents, world_size: int) -> Placement:
     m = _chunks_per_rank(s // world_size)
     chunks = world_size * m
     chunk = s // chunks
-    spec = MaskSpec.build(documents, True, None, None)
-    work = position_work(spec).double().view(chunks, chunk).sum(dim=1)
-    ids = _assign(work, world_size, m)
+    works = torch.stack(
+        [
+            position_work(MaskSpec.build(documents, causal, window, None)).double()
+            for causal, window in _BALANCED_FOR
+        ]
+    )
+    ids = _assign(works.view(len(_BALANCED_FOR), chunks, chunk).sum(dim=2), world_size, m)
     return Placement(chunk, tuple(tuple(sorted(r)) for r in ids))
 
 
-def _assign(work: Tensor, world_size: int, per_rank: int) -> list[list[int]]:
-    """Greedy longest-first assignment with equal counts, then improving swaps."""
-    order = sorted(range(work.numel()), key=lambda c: (-float(work[c]), c))
-    load = [0.0] * world_size
-    owned: list[list[int]] = [[] for _ in range(world_size)]
-    for c in order:
-        r = min(
-            (r for r in range(world_size) if len(owned[r]) < per_rank), key=lambda r: (load[r], r)
-        )
-        owned[r].append(c)
-        load[r] += float(work[c])
-    w = work.tolist()
-    for _ in range(4 * work.numel()):
-        top = max(range(world_size), key=lambda r: load[r])
-        best = None
-        for a_i, a in enumerate(owned[top]):
-            for r in range(world_size):
-                if r == top:
-                    continue
-                for c_i, c in enumerate(owned[r]):
-                    delta = w[a] - w[c]
-                    if delta <= 0:
-                        continue
-                    new_max = max(load[top] - delta, load[r] + delta)
-                    if new_max < load[top] - 1e-9 and (best is None or new_max < best[0]):
-                        best = (new_max, a_i, r, c_i, delta)
-        if best is None:
+def _assign(works: Tensor, world_size: int, per_rank: int) -> list[list[int]]:
+    """Chunks to ranks, ``per_rank`` each, for works ``[K, chunks]`` (K kinds of layer).
+
+    Each kind's work is normalised to a mean rank load of 1 and a rank's cost is its largest
+    load. Greedy, largest chunks first, each to the rank whose cost grows least among those
+    with room; then, while it lowers the maximum cost, the best swap of one chunk of the
+    costliest rank against one chunk of another (all candidate swaps priced at once).
+    """
+    kinds, chunks = works.shape
+    w = works / works.sum(dim=1, keepdim=True).clamp(min=1e-30) * world_size
+    load = torch.zeros(kinds, world_size, dtype=w.dtype)
+    count = torch.zeros(world_size, dtype=torch.long)
+    owner = torch.empty(chunks, dtype=torch.long)
+    for c in torch.argsort(-w.sum(dim=0), stable=True).tolist():
+        cost = (load + w[:, c : c + 1]).amax(dim=0).masked_fill(count >= per_rank, math.inf)
+        r = int(torch.argmin(cost))
+        owner[c] = r
+        count[r] += 1
+        load[:, r] += w[:, c]
+    for _ in range(4 * chunks):
+        cost = load.amax(dim=0)
+        top = int(torch.argmax(cost))
+        mine = (owner == top).nonzero().squeeze(1)
+        other = (owner != top).nonzero().squeeze(1)
+        if other.numel() == 0:
             break
-        _, a_i, r, c_i, delta = best
-        owned[top][a_i], owned[r][c_i] = owned[r][c_i], owned[top][a_i]
-        load[top] -= delta
-        load[r] += delta
-    return owned
+        wa, wc = w[:, mine].unsqueeze(2), w[:, other].unsqueeze(1)  # [K, m, 1], [K, 1, C']
+        new_top = (load[:, top].view(kinds, 1, 1) - wa + wc).amax(dim=0)
+        new_other = (load[:, owner[other]].unsqueeze(1) - wc + wa).amax(dim=0)
+        new_max = torch.maximum(new_top, new_other)
+        best = int(torch.argmin(new_max))
+        if float(new_max.view(-1)[best]) >= float(cost[top]) - 1e-12:
+            break
+        a, c = int(mine[best // other.numel()]), int(other[best % other.numel()])
+        r = int(owner[c])
+        load[:, top] += w[:, c] - w[:, a]
+        load[:, r] += w[:, a] - w[:, c]
+        owner[a], owner[c] = r, top
+    return [(owner == r).nonzero().squeeze(1).tolist() for r in range(world_size)]

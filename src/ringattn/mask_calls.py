@@ -71,7 +71,7 @@ class MaskArguments:
                     ValueError,
                     f"documents describe {docs.batch_size} batch rows but q has {q.size(0)}",
                 )
-        spec.probe_mask_mod(q.size(0), q.size(1))
+        spec.probe_mask_mod(q.size(0), q.size(1), q.device)
         self.spec = spec
 
 
@@ -100,7 +100,10 @@ def check_masked(
     call = checked_call(group, q, k, v, causal, scale, check_layout, backend, return_lse, mask=mask)
     if mask.spec is None:  # a cached call: validate ran for an identical call before
         assert isinstance(q, Tensor) and isinstance(k, Tensor)
-        mask.validate(q, k, comm.group_facts(group)[1])
+        try:
+            mask.validate(q, k, comm.group_facts(group)[1])
+        except MaskArgumentError as err:
+            raise err.exc_type(f"ring_attention: {err.message}") from None
     assert mask.spec is not None
     return call, mask.spec
 
@@ -115,14 +118,13 @@ def masked_call(
     head_offset: int = 0,
 ) -> RingCall:
     """``base`` (checked: ring, kernel, scale) with the masked plans of ``rank``."""
-    plans = ring_plans(spec, placement, masked_kernel_for(device, backend), head_offset)
-    mine, next_last = plans.for_rank(rank)
+    plans = ring_plans(spec, placement, masked_kernel_for(device, backend), rank, head_offset)
     return RingCall(
-        ring=base.ring if len(mine) > 1 else None,
-        plans=mine,
+        ring=base.ring if plans.steps > 1 else None,
+        plans=plans.plans,
         kernel=base.kernel,
         scale=base.scale,
-        next_last_plan=next_last,
+        next_last_plan=plans.next_last_plan,
     )
 
 

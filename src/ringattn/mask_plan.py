@@ -41,51 +41,61 @@ def block_plan(pair: PairMask, source: int, kernel: str, keep_empty: bool) -> Bl
 
 @dataclass(frozen=True)
 class MaskedPlans:
-    """Every rank's ring plans (truncated to the steps some rank needs), and their work."""
+    """The ring plans of one rank (truncated to the steps some rank needs), with what the
+    ring needs of the next rank's plans, and the visible work of every rank."""
 
-    plans: tuple[tuple[BlockPlan | None, ...], ...]  # [rank][step]
+    rank: int
+    plans: tuple[BlockPlan | None, ...]  # this rank's, per step
+    next_last_plan: BlockPlan | None  # the next rank's last-step plan (only its part matters)
     visible: tuple[int, ...]  # visible (row, query, key) triples per rank
 
     @property
     def steps(self) -> int:
-        return len(self.plans[0])
-
-    def for_rank(self, rank: int) -> tuple[tuple[BlockPlan | None, ...], BlockPlan | None]:
-        """``(plans, next rank's last plan)`` as :class:`ringattn.ring.RingCall` takes them."""
-        nxt = self.plans[(rank + 1) % len(self.plans)]
-        return self.plans[rank], nxt[-1]
+        return len(self.plans)
 
 
 _CACHE: OrderedDict[tuple, MaskedPlans] = OrderedDict()
-_CACHE_LIMIT = 64
+# A batch's plans are reused by every layer; a few batches' worth are kept (each holds its
+# pairs' key ranges and, once used, BlockMasks on the device).
+_CACHE_LIMIT = 16
 
 
 def ring_plans(
-    spec: MaskSpec, placement: Placement, kernel: str, head_offset: int = 0
+    spec: MaskSpec, placement: Placement, kernel: str, rank: int, head_offset: int = 0
 ) -> MaskedPlans:
-    """The plans of a ring over ``placement``'s ranks under ``spec`` (cached)."""
-    key = (spec.key, placement, kernel, head_offset)
+    """The plans of ``rank`` in a ring over ``placement``'s ranks under ``spec`` (cached).
+
+    Every rank's pairs are classified (the ring's length depends on all of them); only this
+    rank's keep their masks.
+    """
+    key = (spec.key, placement, kernel, rank, head_offset)
     found = _CACHE.get(key)
     if found is not None:
         _CACHE.move_to_end(key)
         return found
     world = placement.world_size
-    table: list[list[BlockPlan | None]] = []
+    kinds: list[list[str]] = []
     visible = []
-    for rank in range(world):
-        qpos = placement.positions(rank)
-        row: list[BlockPlan | None] = []
-        seen = 0
+    mine: list[BlockPlan | None] = []
+    for r in range(world):
+        qpos = placement.positions(r)
+        row, seen = [], 0
         for step in range(world):
-            source = (rank - step) % world
+            source = (r - step) % world
             pair = PairMask.build(spec, qpos, placement.positions(source), head_offset)
             seen += pair.visible
-            row.append(block_plan(pair, source, kernel, keep_empty=step == 0))
-        table.append(row)
+            row.append("local" if step == 0 else pair.kind)  # the local pair always runs
+            if r == rank:
+                mine.append(block_plan(pair, source, kernel, keep_empty=step == 0))
+        kinds.append(row)
         visible.append(seen)
-    last = max(max(s for s, p in enumerate(row) if p is not None) for row in table)
-    plans = tuple(tuple(row[: last + 1]) for row in table)
-    found = MaskedPlans(plans, tuple(visible))
+    last = max(max(s for s, kind in enumerate(row) if kind != "empty") for row in kinds)
+    nxt = (rank + 1) % world
+    next_last = None
+    if kinds[nxt][last] != "empty":
+        # Only whether it runs and which part of this rank's K/V it covers (all) matter.
+        next_last = BlockPlan((nxt - last) % world, Part.ALL, Part.ALL, causal=False)
+    found = MaskedPlans(rank, tuple(mine[: last + 1]), next_last, tuple(visible))
     _CACHE[key] = found
     if len(_CACHE) > _CACHE_LIMIT:
         _CACHE.popitem(last=False)
@@ -104,7 +114,7 @@ def single_plan(
     strategies compute it in one kernel call (cached)."""
     every = tuple(range(placement.seq_len // placement.chunk))
     q_ids = every if rank is None else placement.ids[rank]
-    key = ("single", spec.key, q_ids, placement.chunk, kernel, head_offset)
+    key = (spec.key, q_ids, placement.chunk, kernel, head_offset)
     plan = _SINGLE.get(key)
     if plan is None:
         qpos = Placement(placement.chunk, (q_ids,)).positions(0)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -348,15 +347,21 @@ class MaskSpec:
                 hi = torch.minimum(hi, qpos + right)
         return lo, hi
 
-    def probe_mask_mod(self, batch: int, heads: int) -> None:
-        """Call the mask function on a few positions; MaskArgumentError if it fails or
-        returns anything but a bool tensor broadcastable to ``[b, h, q, kv]``."""
+    def probe_mask_mod(self, batch: int, heads: int, device: torch.device | None = None) -> None:
+        """Call the mask function on a few positions (index tensors on ``device``, where the
+        kernels call it too); MaskArgumentError if it fails or returns anything but a bool
+        tensor broadcastable to ``[b, h, q, kv]``."""
         if self.mask_mod is None:
             return
         n = min(self.seq_len, 4)
         pos = torch.cat([torch.arange(n), torch.arange(self.seq_len - n, self.seq_len)])
         nb, nh = min(batch, 2), min(heads, 2)
-        args = _grid(torch.arange(nb), torch.arange(nh), pos, pos)
+        args = _grid(
+            torch.arange(nb, device=device),
+            torch.arange(nh, device=device),
+            pos.to(device),
+            pos.to(device),
+        )
         try:
             out = self.mask_mod(*args)
         except Exception as err:  # noqa: BLE001 - reported as the argument's error
@@ -483,13 +488,3 @@ class PairMask:
         rows_per_tile[-1] = sq - (nq - 1) * tile
         full = count(f_lo, f_hi) == rows_per_tile.view(1, nq, 1)
         return touched, full & touched
-
-
-def describe_keys(spec: MaskSpec) -> dict[str, Any]:
-    """A readable summary of ``spec`` (for logs and error messages)."""
-    return {
-        "documents": repr(spec.documents) if spec.documents is not None else None,
-        "causal": spec.causal,
-        "window": spec.window,
-        "mask_mod": getattr(spec.mask_mod, "__qualname__", None),
-    }

@@ -462,7 +462,7 @@ def _masked_attention(
     if strategy == "auto" and q.size(2) % 2:
         strategy = "ring"  # the cost model prices zigzag shards (an even local length)
     if strategy == "auto":
-        steps = ring_plans(spec, placement, masked_kernel).steps
+        steps = ring_plans(spec, placement, masked_kernel, sm.rank).steps
         strategy = choose_strategy(
             q, k, sm, causal, base.kernel.name, density=_density(spec), ring_steps=steps
         )
