@@ -126,6 +126,9 @@ class Bench:
         self.dtype = torch.float32 if self.dry else torch.bfloat16
         self.heads, self.kv_heads, self.head_dim = (4, 2, 16) if self.dry else (32, 8, 128)
         self.rows: list[dict[str, Any]] = []
+        if self.rank == 0 and args.json:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(args.json + ".partial")
 
     # -- output ---------------------------------------------------------------------------
     def emit(self, row: dict[str, Any]) -> None:
@@ -424,6 +427,40 @@ class Bench:
             step = attend if self.dry else functools.partial(_forward_backward, attend)
             self.measure(case, method, step, everyone=True, imbalance=self.imbalance(held, case))
 
+    # -- layouts only -----------------------------------------------------------------------
+    def layout_rows(self, case: Case) -> None:
+        """The work imbalance of each method's layout, without running attention (any
+        device, real sizes): ringattn's, and PyTorch's with and without its balancer."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.experimental._context_parallel import _attention as cp
+        from torch.distributed.tensor.experimental._context_parallel._load_balancer import (
+            _PerDocumentHeadTailLoadBalancer,
+        )
+
+        import ringattn
+
+        positions = torch.arange(case.seq, device=self.device)[None]
+        if case.kind == "docs":
+            documents = ringattn.Documents.from_lengths(list(case.lengths))
+            layouts = {"ringattn": {"documents": documents}}
+        else:
+            layouts = {"ringattn": {"layout": "zigzag"}}
+            layouts["ringattn-contiguous"] = {"layout": "contiguous"}
+        for name, cut in layouts.items():
+            held = ringattn.shard(positions, dim=1, **cut)
+            self.emit({"case": case.name, "layout": name, "imbalance": self.imbalance(held, case)})
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        wide = positions[:, None, :, None].double()
+        for name in ("balanced", "unbalanced"):
+            balancer = None
+            if name == "balanced":
+                balancer = _PerDocumentHeadTailLoadBalancer(
+                    [list(case.lengths)], self.world, self.device
+                )
+            held = cp._context_parallel_shard(mesh, [wide], [2], load_balancer=balancer)[0]
+            imbalance = self.imbalance(held.flatten().round().long(), case)
+            self.emit({"case": case.name, "layout": f"torch-cp-{name}", "imbalance": imbalance})
+
     # -- driver ---------------------------------------------------------------------------
     def run(self) -> None:
         names = self.args.cases or (DRY_CASES if self.dry else GPU_CASES)
@@ -433,6 +470,9 @@ class Bench:
             facts.update(longest=max(case.lengths), window=case.window, prefix=case.prefix)
             facts["lengths"] = list(case.lengths) if case.kind == "docs" else None
             self.emit({"case": case.name, **facts})
+            if self.args.imbalance_only:
+                self.layout_rows(case)
+                continue
             q, k, v = self.inputs(case.seq)
             if self.args.torch_cp:
                 self.torch_cp_rows(case, q, k, v)
@@ -471,6 +511,7 @@ def report(paths: list[str], md: str | None) -> str:
             continue
         seen.add(c["case"])
         mine = [r for r in rows if r.get("case") == c["case"] and "method" in r]
+        layouts = [r for r in rows if r.get("case") == c["case"] and "layout" in r]
         one = [r["ms"] for r in mine if r["method"].startswith("one-gpu") and "ms" in r]
         fastest = min(one) if one else None
         what = {
@@ -485,6 +526,8 @@ def report(paths: list[str], md: str | None) -> str:
             "| --- | ---: | ---: | ---: | ---: |",
         ]
         for r in mine:
+            if r.get("run") not in (None, "final"):  # rows merged from another launch
+                r = dict(r, method=f"{r['method']} ({r['run']} run)")
             if "ms" not in r:
                 lines.append(f"| {r['method']} | error: {r.get('error', '')[:120]} | | | |")
                 continue
@@ -494,6 +537,9 @@ def report(paths: list[str], md: str | None) -> str:
             imbalance = f"{100 * share:.1f}%" if share is not None else ""
             peak = r.get("peak_GiB") or ""
             lines.append(f"| {r['method']} | {r['ms']:.2f} | {speedup} | {imbalance} | {peak} |")
+        if layouts:
+            lines += ["", "| layout | work imbalance |", "| --- | ---: |"]
+            lines += [f"| {r['layout']} | {100 * r['imbalance']:.1f}% |" for r in layouts]
         lines.append("")
     text = "\n".join(lines)
     if md:
@@ -512,6 +558,11 @@ def main() -> None:
     p.add_argument("--strategies", nargs="*", choices=STRATEGIES, help="ringattn rows to run")
     p.add_argument("--torch-cp", action="store_true", help="PyTorch's context_parallel rows only")
     p.add_argument("--skip-one-gpu", action="store_true")
+    p.add_argument(
+        "--imbalance-only",
+        action="store_true",
+        help="only each layout's work imbalance, at the cases' real sizes (runs on CPU too)",
+    )
     p.add_argument("--dry-run", action="store_true", help="CPU, Gloo, tiny sizes, float32")
     p.add_argument("--json", help="write the rows here (and NAME.partial as they come)")
     p.add_argument("--report", nargs="*", help="print Markdown tables from these JSON files")
@@ -526,9 +577,6 @@ def main() -> None:
     if args.report:
         print(report(args.report, args.md))
         return
-    with contextlib.suppress(FileNotFoundError):
-        if args.json:
-            os.remove(args.json + ".partial")
     if args.recompile_limit:
         import torch._dynamo
 
