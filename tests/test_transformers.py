@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -11,7 +12,19 @@ from pathlib import Path
 import pytest
 
 from distributed import run_ranks
-from hf_cases import loss_and_grads, run_errors
+from hf_cases import loss_and_grads, one_process, run_masked_batches
+
+MASKED_CASES = [
+    "packed-llama",
+    "packed-mistral",
+    "padded-llama",
+    "window-mistral",
+    "window-qwen2",
+    "contiguous-mistral",
+    "random0-llama",  # random packed mixes (hf_cases.RANDOM_PACKED)
+    "random1-llama",
+    "random2-llama",
+]
 
 
 @pytest.mark.parametrize(
@@ -36,16 +49,53 @@ def test_loss_and_gradients_match_one_process(family: str, world: int, implement
             assert err <= 1e-5, f"rank {rank} {name}: {err:.2e}"
 
 
+@functools.cache
+def masked_on(world: int) -> list[dict]:
+    """Every masked case, and what raises, on one spawn per world size."""
+    return run_ranks(run_masked_batches, world)
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
+def masked_batches(request) -> tuple[int, list[dict]]:
+    return request.param, masked_on(request.param)
+
+
+@pytest.mark.parametrize("name", MASKED_CASES)
+def test_masked_batches_match_one_process(masked_batches, name: str) -> None:
+    """float64: packed rows give, for every document, the model on that document alone;
+    a padded batch and windowed models (Mistral's windows, Qwen2's alternating layers)
+    give the model's own attention on one process. Logits, loss and every gradient."""
+    world, ranks = masked_batches
+    want = one_process(name, world)
+    keep = slice(None)
+    if name.startswith("padded"):
+        from hf_cases import _padded
+
+        keep = _padded()["attention_mask"].bool()  # padding's logits are no one's output
+    for rank, found in enumerate(ranks):
+        got = found[name]
+        err = float((got["logits"][keep] - want["logits"][keep]).abs().max())
+        assert err <= 1e-9 * float(want["logits"].abs().max()), f"rank {rank} logits {err:.2e}"
+        assert abs(got["loss"] - want["loss"]) <= 1e-10 * abs(want["loss"]), (rank, got["loss"])
+        assert got["grads"].keys() == want["grads"].keys()
+        for param, grad in got["grads"].items():
+            ref = want["grads"][param]
+            err = float((grad - ref).abs().max() / ref.abs().max())
+            assert err <= 1e-9, f"rank {rank} {param}: {err:.2e}"
+
+
 def test_what_cannot_run_context_parallel_raises() -> None:
     expected = {
-        "sliding_window": "sliding-window attention (window 8)",
-        "padding": "padded batches are not supported",
-        "unknown_key": "does not know how to shard ['pixel_values']",
-        "output_attentions": "output_attentions is not supported",
+        "packed_without_documents": ("ValueError", "position_ids restart at 0 inside a row"),
+        "mask_given_to_model": ("ValueError", "pass the full batch through shard_batch"),
+        "documents_type": ("TypeError", "ringattn_documents must be a ringattn.Documents"),
+        "unknown_key": ("ValueError", "does not know how to shard ['pixel_values']"),
+        "output_attentions": ("ValueError", "output_attentions is not supported"),
     }
-    for found in run_ranks(run_errors, 2):
-        for name, text in expected.items():
-            assert found[name][0] == "ValueError" and text in found[name][1], found[name]
+    for ranks in masked_on(2):
+        found = ranks["errors"]
+        for name, (kind, text) in expected.items():
+            assert found[name][0] == kind and text in found[name][1], (name, found[name])
 
 
 def test_example_trains_like_one_process(tmp_path) -> None:

@@ -5,11 +5,16 @@ shard the sequence dimension run as ring attention over the mesh dimension that 
 the result is a DTensor with the query's placements, differentiable through the ring. It
 works through a ``TorchFunctionMode`` and leaves PyTorch's DTensor dispatcher untouched, so
 leaving the context, also by an exception, restores the dispatch state exactly.
+``documents=`` (packed documents, padding), ``window=`` and ``mask_mod=`` add masks to every
+such call; with documents, the local shards are those ``ringattn.shard(x, mesh,
+documents=docs)`` cuts.
 
 ``AttentionContextParallel`` is a ``ParallelStyle``: inside the forward of the module it is
 applied to, SDPA on this rank's shards (plain tensors) runs as ring attention over the mesh,
 and outputs come back as local tensors. It takes modules that call
-``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention``.
+``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention``. A window and a mask_mod are
+the model's (given when the style is made); documents change with every batch, so they are
+set per batch with ``with style.use_documents(docs): ...``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -30,11 +35,13 @@ from ..api import ring_attention
 from ..layout import num_chunks
 from .sdpa_route import (
     TORCH_SDPA,
+    Masks,
     RingSDPA,
     SDPARoute,
     bind_sdpa_arguments,
     check_route_options,
     parse_sdpa_call,
+    resolve_layout,
 )
 
 __all__ = ["AttentionContextParallel", "attention_context_parallel"]
@@ -115,7 +122,7 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _sdpa_on_dtensors(
-    args: tuple, kwargs: dict, mesh: DeviceMesh | None, layout: str, backend: str
+    args: tuple, kwargs: dict, mesh: DeviceMesh | None, layout: str, backend: str, masks: Masks
 ) -> DTensor | None:
     """SDPA on DTensors; None leaves the call to PyTorch's own DTensor rules.
 
@@ -130,6 +137,12 @@ def _sdpa_on_dtensors(
             f"but query is a {type(q).__name__}; pass all three as DTensors on the same mesh"
         )
     ring_dim = _sequence_mesh_dim(q, k, v)
+    if ring_dim is None and masks != Masks():
+        raise ValueError(
+            f"scaled_dot_product_attention under {_WHERE_DTENSOR}: documents, window and "
+            f"mask_mod apply to a sequence sharded over the mesh (Shard(2)); the inputs have "
+            f"placements {tuple(q.placements)}"
+        )
     if ring_dim is None:
         if call.attn_mask is not None or call.dropout_p != 0.0:
             return None  # a mask or dropout may need the global view
@@ -142,7 +155,7 @@ def _sdpa_on_dtensors(
             enable_gqa=call.enable_gqa,
         )
     else:
-        out = _ring_on_local_shards(args, kwargs, mesh, layout, backend, ring_dim)
+        out = _ring_on_local_shards(args, kwargs, mesh, layout, backend, ring_dim, masks)
     shape = (*q.shape[:3], v.size(3))
     return DTensor.from_local(
         out,
@@ -155,7 +168,13 @@ def _sdpa_on_dtensors(
 
 
 def _ring_on_local_shards(
-    args: tuple, kwargs: dict, mesh: DeviceMesh | None, layout: str, backend: str, ring_dim: int
+    args: tuple,
+    kwargs: dict,
+    mesh: DeviceMesh | None,
+    layout: str,
+    backend: str,
+    ring_dim: int,
+    masks: Masks,
 ) -> torch.Tensor:
     call = parse_sdpa_call(_WHERE_DTENSOR, args, kwargs)
     q, k, v = call.query, call.key, call.value
@@ -163,7 +182,13 @@ def _ring_on_local_shards(
     ring_size = q.device_mesh.size(ring_dim)
     chunks = num_chunks(ring_size, layout)
     for name, x in (("query", q), ("key", k)):
-        if x.size(_SEQ_DIM) % chunks:
+        if masks.documents is not None:
+            if x.size(_SEQ_DIM) != masks.documents.seq_len:
+                raise ValueError(
+                    f"scaled_dot_product_attention under {_WHERE_DTENSOR}: {name} has "
+                    f"{x.size(_SEQ_DIM)} positions, the documents {masks.documents.seq_len}"
+                )
+        elif x.size(_SEQ_DIM) % chunks:
             raise ValueError(
                 f"scaled_dot_product_attention under {_WHERE_DTENSOR}: {name} has "
                 f"{x.size(_SEQ_DIM)} positions, which layout={layout!r} on {ring_size} ranks "
@@ -176,8 +201,8 @@ def _ring_on_local_shards(
         q.device_mesh.get_group(ring_dim),
         causal=call.is_causal,
         scale=call.scale,
-        layout=layout,
         backend=backend,
+        **masks.ring_options(layout),
     )
 
 
@@ -186,15 +211,16 @@ class _DTensorRingSDPA(SDPARoute):
 
     where = _WHERE_DTENSOR
 
-    def __init__(self, mesh: DeviceMesh | None, layout: str, backend: str) -> None:
+    def __init__(self, mesh: DeviceMesh | None, layout: str, backend: str, masks: Masks) -> None:
         super().__init__()
         self.mesh = mesh
         self.layout = layout
         self.backend = backend
+        self.masks = masks
 
     def sdpa(self, args: tuple, kwargs: dict) -> Any:
         if any(isinstance(x, DTensor) for x in (*args[:3], *kwargs.values())):
-            out = _sdpa_on_dtensors(args, kwargs, self.mesh, self.layout, self.backend)
+            out = _sdpa_on_dtensors(args, kwargs, self.mesh, self.layout, self.backend, self.masks)
             if out is not None:
                 return out
         return TORCH_SDPA(*args, **kwargs)
@@ -202,7 +228,13 @@ class _DTensorRingSDPA(SDPARoute):
 
 @contextlib.contextmanager
 def attention_context_parallel(
-    mesh: DeviceMesh | None = None, *, layout: str = "contiguous", backend: str = "auto"
+    mesh: DeviceMesh | None = None,
+    *,
+    layout: str | None = None,
+    backend: str = "auto",
+    documents: Any = None,
+    window: tuple[int, int] | None = None,
+    mask_mod: Callable[..., Any] | None = None,
 ) -> Iterator[None]:
     """Run SDPA on DTensors that shard the sequence as ring attention, inside the context.
 
@@ -216,11 +248,20 @@ def attention_context_parallel(
     Args:
         mesh: the mesh to run on (None: the inputs' own). Either the inputs' mesh or the
             1-D mesh of the dimension that shards their sequence; inputs on another raise.
-        layout: how the DTensor's sequence maps to positions. ``"contiguous"``: it is in
-            order, as ``distribute_tensor(x, mesh, [Shard(2)])`` makes it. ``"zigzag"``: each
-            rank's local shard is :func:`ringattn.shard` of the sequence (balanced causal
-            work), e.g. ``DTensor.from_local(ringattn.shard(x, mesh), mesh, [Shard(2)])``.
+        layout: how the DTensor's sequence maps to positions. ``"contiguous"`` (the
+            default): it is in order, as ``distribute_tensor(x, mesh, [Shard(2)])`` makes
+            it. ``"zigzag"``: each rank's local shard is :func:`ringattn.shard` of the
+            sequence (balanced causal work), e.g.
+            ``DTensor.from_local(ringattn.shard(x, mesh), mesh, [Shard(2)])``. Not with
+            ``documents``.
         backend: the attention backend, as for :func:`ringattn.ring_attention`.
+        documents: a :class:`ringattn.Documents` (packed documents, padding): attention
+            stays within documents, and each rank's local shard is
+            ``ringattn.shard(x, mesh, documents=documents)``, e.g.
+            ``DTensor.from_local(ringattn.shard(x, mesh, documents=docs), mesh, [Shard(2)],
+            shape=x.shape, stride=x.stride())``.
+        window: ``(left, right)`` sliding window (-1 = unbounded), for every call.
+        mask_mod: ``fn(b, h, q_idx, kv_idx) -> bool`` over global positions, for every call.
 
     Raises:
         ValueError, TypeError: an unknown layout or backend, or a mesh that is not a
@@ -228,10 +269,12 @@ def attention_context_parallel(
             dropout, mixed placements, a sequence the layout cannot split), before any
             communication.
     """
+    masks = Masks.checked(documents, window, mask_mod, _WHERE_DTENSOR)
+    layout = resolve_layout(layout, "contiguous", documents, _WHERE_DTENSOR)
     check_route_options(layout, backend)
     if mesh is not None and not isinstance(mesh, DeviceMesh):
         raise TypeError(f"mesh must be None or a DeviceMesh, got {type(mesh).__name__}")
-    with _DTensorRingSDPA(mesh, layout, backend):
+    with _DTensorRingSDPA(mesh, layout, backend, masks):
         yield
 
 
@@ -273,11 +316,10 @@ def _multihead_arguments(module: nn.MultiheadAttention, args: tuple, kwargs: dic
 class _ModuleRoute:
     """Forward hooks that route one module's SDPA calls to the ring while it runs."""
 
-    def __init__(self, mesh: DeviceMesh, layout: str, backend: str) -> None:
+    def __init__(self, mesh: DeviceMesh, style: AttentionContextParallel) -> None:
         self.mesh = mesh
         self.group = mesh.get_group()
-        self.layout = layout
-        self.backend = backend
+        self.style = style
         # One entry per forward in progress; None until its mode is pushed, so that a
         # pre-hook that raised leaves nothing for the always-called exit hook to pop.
         self.active: list[RingSDPA | None] = []
@@ -288,7 +330,8 @@ class _ModuleRoute:
         kwargs = {name: _local_input(name, x, self.mesh) for name, x in kwargs.items()}
         if isinstance(module, nn.MultiheadAttention):
             args, kwargs = _multihead_arguments(module, args, kwargs)
-        mode = RingSDPA(self.group, self.layout, self.backend, _WHERE_STYLE)
+        style = self.style
+        mode = RingSDPA(self.group, style.layout, style.backend, _WHERE_STYLE, style.masks())
         mode.__enter__()
         self.active[-1] = mode
         return args, kwargs
@@ -315,27 +358,66 @@ class AttentionContextParallel(ParallelStyle):
     ``attn_mask`` it requires alongside); other masks, ``key_padding_mask`` and dropout raise.
 
     Shard the inputs with the same layout, e.g. ``ringattn.shard(x, mesh, dim=1)`` for
-    ``[batch, seq, dim]`` inputs, and position ids alike.
+    ``[batch, seq, dim]`` inputs, and position ids alike. For packed documents or padding,
+    shard with ``ringattn.shard(x, mesh, dim=1, documents=docs)`` and run the model inside
+    ``with style.use_documents(docs):``.
 
     Args:
-        layout: how the sequence was split: ``"zigzag"`` (balanced causal work) or
-            ``"contiguous"``.
+        layout: how the sequence was split (batches without documents): ``"zigzag"`` (the
+            default: balanced causal work) or ``"contiguous"``.
         backend: the attention backend, as for :func:`ringattn.ring_attention`.
+        window: ``(left, right)`` sliding window of every call (-1 = unbounded).
+        mask_mod: ``fn(b, h, q_idx, kv_idx) -> bool`` over global positions, for every call.
 
     Example::
 
         mesh = init_device_mesh("cuda", (world_size,))
-        parallelize_module(model, mesh, {"layers.*.attn": AttentionContextParallel()})
+        style = AttentionContextParallel()
+        parallelize_module(model, mesh, {"layers.*.attn": style})
+        with style.use_documents(ringattn.Documents.from_position_ids(position_ids)):
+            loss = model(x_shard).sum()
     """
 
     # Modules already routed: a second style on one module would route its calls twice.
     _ROUTED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
-    def __init__(self, *, layout: str = "zigzag", backend: str = "auto") -> None:
+    def __init__(
+        self,
+        *,
+        layout: str = "zigzag",
+        backend: str = "auto",
+        window: tuple[int, int] | None = None,
+        mask_mod: Callable[..., Any] | None = None,
+    ) -> None:
         super().__init__()
         check_route_options(layout, backend)
         self.layout = layout
         self.backend = backend
+        self._masks = Masks.checked(None, window, mask_mod, _WHERE_STYLE)
+        self._documents: Any = None
+
+    def masks(self) -> Masks:
+        """The masks of the calls made now: the style's window and mask_mod, the documents."""
+        return Masks(self._documents, self._masks.window, self._masks.mask_mod)
+
+    @contextlib.contextmanager
+    def use_documents(self, documents: Any) -> Iterator[None]:
+        """Attend within ``documents`` (a :class:`ringattn.Documents`) inside the context.
+
+        Inputs are then this batch's shards cut by ``ringattn.shard(x, mesh, dim=...,
+        documents=documents)``; every module the style parallelized reads them.
+        """
+        Masks.checked(documents, None, None, _WHERE_STYLE)
+        if documents is not None and self.layout != "zigzag":
+            raise ValueError(
+                f"{_WHERE_STYLE}: layout={self.layout!r} cannot be combined with documents; "
+                "the documents fix the layout"
+            )
+        previous, self._documents = self._documents, documents
+        try:
+            yield
+        finally:
+            self._documents = previous
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         if not isinstance(device_mesh, DeviceMesh):
@@ -357,7 +439,7 @@ class AttentionContextParallel(ParallelStyle):
             )
         if module in self._ROUTED:
             raise ValueError(f"{_WHERE_STYLE}: {type(module).__name__} is parallelized already")
-        route = _ModuleRoute(device_mesh, self.layout, self.backend)
+        route = _ModuleRoute(device_mesh, self)
         module.register_forward_pre_hook(route.enter, with_kwargs=True)
         module.register_forward_hook(route.exit, always_call=True)
         self._ROUTED.add(module)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from ..kernels import BACKENDS
 from ..layout import LAYOUTS
 
 __all__ = [
+    "Masks",
     "RingSDPA",
     "SDPACall",
     "SDPARoute",
@@ -29,6 +31,7 @@ __all__ = [
     "bind_sdpa_arguments",
     "check_route_options",
     "parse_sdpa_call",
+    "resolve_layout",
 ]
 
 # The functions as PyTorch defines them, whatever a route points the names at meanwhile.
@@ -95,6 +98,68 @@ def check_route_options(layout: object, backend: object) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+@dataclass(frozen=True)
+class Masks:
+    """The masks a route adds to every SDPA call it runs: documents, a window, a mask_mod.
+
+    ``documents`` (a :class:`ringattn.Documents`) also fixes the layout: the shards are the
+    ones ``ringattn.shard(x, group, documents=documents)`` cuts.
+    """
+
+    documents: Any = None
+    window: tuple[int, int] | None = None
+    mask_mod: Callable[..., Any] | None = None
+
+    @classmethod
+    def checked(cls, documents: Any, window: Any, mask_mod: Any, where: str) -> Masks:
+        """The masks, after the checks that need no tensors (at a route's entry)."""
+        from .. import Documents
+
+        if documents is not None and not isinstance(documents, Documents):
+            raise TypeError(
+                f"{where}: documents must be a ringattn.Documents, got {type(documents).__name__}"
+            )
+        if window is not None:
+            if (
+                not isinstance(window, tuple)
+                or len(window) != 2
+                or any(isinstance(w, bool) or not isinstance(w, int) for w in window)
+            ):
+                raise TypeError(
+                    f"{where}: window must be a (left, right) tuple of ints, got {window!r}"
+                )
+            if any(w < -1 for w in window):
+                raise ValueError(
+                    f"{where}: window sizes must be >= 0 or -1 (unbounded), got {window!r}"
+                )
+        if mask_mod is not None and not callable(mask_mod):
+            raise TypeError(f"{where}: mask_mod must be callable, got {type(mask_mod).__name__}")
+        return cls(documents, window, mask_mod)
+
+    def ring_options(self, layout: str) -> dict[str, Any]:
+        """Keyword arguments for :func:`ringattn.ring_attention` (the layout included)."""
+        options: dict[str, Any] = {}
+        if self.documents is not None:
+            options["documents"] = self.documents  # its layout, not ``layout``
+        else:
+            options["layout"] = layout
+        if self.window is not None:
+            options["window"] = self.window
+        if self.mask_mod is not None:
+            options["mask_mod"] = self.mask_mod
+        return options
+
+
+def resolve_layout(layout: str | None, default: str, documents: Any, where: str) -> str:
+    """The layout a route uses: ``default`` for None; none may be named with documents."""
+    if documents is not None and layout is not None:
+        raise ValueError(
+            f"{where}: layout={layout!r} cannot be combined with documents; the documents "
+            "fix the layout (shard with ringattn.shard(x, group, documents=documents))"
+        )
+    return default if layout is None else layout
+
+
 @contextlib.contextmanager
 def _functional_sdpa(route: Callable[..., Any]) -> Iterator[None]:
     F.scaled_dot_product_attention = route
@@ -133,12 +198,15 @@ class RingSDPA(SDPARoute):
     ``where`` names the entry point that pushed the mode, for error messages.
     """
 
-    def __init__(self, group: Any, layout: str, backend: str, where: str) -> None:
+    def __init__(
+        self, group: Any, layout: str, backend: str, where: str, masks: Masks | None = None
+    ) -> None:
         super().__init__()
         self.group = group
         self.layout = layout
         self.backend = backend
         self.where = where
+        self.masks = masks or Masks()
 
     def sdpa(self, args: tuple, kwargs: dict) -> Tensor:
         call = parse_sdpa_call(self.where, args, kwargs)
@@ -149,8 +217,8 @@ class RingSDPA(SDPARoute):
             self.group,
             causal=call.is_causal,
             scale=call.scale,
-            layout=self.layout,
             backend=self.backend,
+            **self.masks.ring_options(self.layout),
         )
 
     def check_multihead(self, arguments: dict[str, Any]) -> None:
