@@ -97,6 +97,19 @@ def _check_tensor(name: str, x: object) -> Tensor:
     return x
 
 
+def check_scale(scale: object, head_dim: int) -> float:
+    """The softmax scale to use (``1 / sqrt(head_dim)`` for None); ``_Rejected`` if bad."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise _Rejected(
+            "scale", TypeError, f"scale must be a float or None, got {type(scale).__name__}"
+        )
+    if not math.isfinite(scale):
+        raise _Rejected("scale", ValueError, f"scale must be finite, got {scale}")
+    return float(scale)
+
+
 def _check_arguments(
     q: object,
     k: object,
@@ -148,14 +161,7 @@ def _check_arguments(
         raise _Rejected(
             "return_lse", TypeError, f"return_lse must be a bool, got {type(return_lse).__name__}"
         )
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.size(3))
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise _Rejected(
-            "scale", TypeError, f"scale must be a float or None, got {type(scale).__name__}"
-        )
-    elif not math.isfinite(scale):
-        raise _Rejected("scale", ValueError, f"scale must be finite, got {scale}")
+    scale = check_scale(scale, q.size(3))
     if layout not in LAYOUTS:
         raise _Rejected("layout", ValueError, f"layout must be one of {LAYOUTS}, got {layout!r}")
     if backend not in BACKENDS:
@@ -290,6 +296,35 @@ def _mode_from_environment() -> None:
             ) from None
 
 
+def exchange_descriptions(
+    name: str,
+    group: dist.ProcessGroup,
+    preferred: torch.device | None,
+    mine: list[int],
+    action: str,
+) -> list[list[int]]:
+    """Every rank's description of its call, in group-rank order (any entry point's check).
+
+    Runs on a host-side (Gloo) group over the same ranks where there is one, so it never
+    waits for queued GPU work; ranks on one host exchange through shared memory
+    (:mod:`ringattn.agreement`). A rank that does not arrive raises
+    :class:`~ringattn.RingCommunicationError` saying that no rank ``action``.
+    """
+    check_group = comm.host_group(group)
+    if check_group is None:
+        check_group, device = group, comm.collective_device(group, preferred)
+    else:
+        device = torch.device("cpu")
+    try:
+        return agreement.exchange(check_group, device, mine)
+    except Exception as err:  # noqa: BLE001 - re-raised with what it was for
+        raise comm.RingCommunicationError(
+            f"{name}: the cross-rank check of this call could not reach every rank "
+            f"(a rank raised, died, or is making another call); no rank {action}. "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
+        ) from err
+
+
 def _agree_across_ranks(
     group: dist.ProcessGroup,
     preferred: torch.device | None,
@@ -302,19 +337,7 @@ def _agree_across_ranks(
     never waits for queued GPU work; ranks on one host exchange through shared memory
     (:mod:`ringattn.agreement`, a few microseconds), others by a Gloo all-gather.
     """
-    check_group = comm.host_group(group)
-    if check_group is None:
-        check_group, device = group, comm.collective_device(group, preferred)
-    else:
-        device = torch.device("cpu")
-    try:
-        rows = agreement.exchange(check_group, device, mine)
-    except Exception as err:  # noqa: BLE001 - re-raised with what it was for
-        raise comm.RingCommunicationError(
-            "ring_attention: the cross-rank check of this call could not reach every rank "
-            "(a rank raised, died, or is making another call); no rank started the ring. "
-            f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
-        ) from err
+    rows = exchange_descriptions("ring_attention", group, preferred, mine, "started the ring")
     rank = dist.get_rank(group)
     if rejected is not None:
         raise rejected.exc_type(f"ring_attention: {rejected.message}")

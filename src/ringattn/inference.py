@@ -70,6 +70,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import comm
+from .checks import _Rejected, check_scale, exchange_descriptions
 from .kernels import BACKENDS, Kernel, accumulation_dtype, get_kernel, select_kernel
 from .layout import chunk_ids, ring_plan
 from .merge import merge_into
@@ -409,16 +410,6 @@ def _calibration(device_type: str) -> object:
 # ----------------------------------------------------------------------------- checks
 
 
-class _Rejected(Exception):
-    """A rank-local argument problem, raised as ``exc_type`` once every rank knows."""
-
-    def __init__(self, argument: str, exc_type: type[Exception], message: str) -> None:
-        super().__init__(message)
-        self.argument = argument
-        self.exc_type = exc_type
-        self.message = message
-
-
 _ARGUMENTS = ("q", "k", "v", "cache", "scale", "backend", "method", "group", "static", "check")
 _FIELDS = (
     "rejected argument",
@@ -515,19 +506,12 @@ def _check_common(
             raise _Rejected("k", TypeError, f"the cache holds {cache.k.dtype}, got {k.dtype}")
         if k.device != cache.k.device:
             raise _Rejected("k", ValueError, f"the cache is on {cache.k.device}, got {k.device}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.size(3))
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise _Rejected(
-            "scale", TypeError, f"scale must be a float or None, got {type(scale).__name__}"
-        )
-    elif not math.isfinite(scale):
-        raise _Rejected("scale", ValueError, f"scale must be finite, got {scale}")
+    scale = check_scale(scale, q.size(3))
     if backend not in BACKENDS:
         raise _Rejected(
             "backend", ValueError, f"backend must be one of {BACKENDS}, got {backend!r}"
         )
-    return q, k, v, cache, float(scale)
+    return q, k, v, cache, scale
 
 
 def _select(backend: str, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Kernel:
@@ -622,23 +606,7 @@ def _agree(
 ) -> None:
     """All-gather every rank's description on a host-side group; raise the same everywhere."""
     world = comm.group_facts(group)[1]
-    if world > 1:
-        check_group = comm.host_group(group)
-        device = torch.device("cpu")
-        if check_group is None:
-            check_group = group
-            device = comm.collective_device(group, None)
-        local = torch.tensor(mine, dtype=torch.int64, device=device)
-        try:
-            rows = [row.tolist() for row in comm.all_gather(local, check_group)]
-        except Exception as err:  # noqa: BLE001 - re-raised with what it was for
-            raise comm.RingCommunicationError(
-                f"{name}: the cross-rank check could not reach every rank (a rank raised, "
-                f"died, or is making another call). ({type(err).__name__}: "
-                f"{str(err).splitlines()[0][:200] if str(err) else ''})"
-            ) from err
-    else:
-        rows = [mine]
+    rows = exchange_descriptions(name, group, None, mine, "moved any K/V") if world > 1 else [mine]
     if rejected is not None:
         raise rejected.exc_type(f"{name}: {rejected.message}")
     for other, row in enumerate(rows):
