@@ -21,50 +21,29 @@ import argparse
 import contextlib
 import inspect
 import json
-import os
 import time
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 import ringattn.integrations.transformers as ringattn_hf
 from ringattn.integrations.transformers_cache import RingCache
+
+# The model's arguments and size, and the process set-up, are the training example's.
+from hf_long_context import add_model_arguments, llama_config, setup
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--prompt-len", type=int, default=8192)
     p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--attention", choices=["ringattn", "sdpa"], default="ringattn")
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--intermediate", type=int, default=None, help="default: 4 x hidden")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_model_arguments(p)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="default: bfloat16 on GPUs, float32 on CPUs")  # fmt: skip
     p.add_argument("--json", default=None, help="write the run's numbers to this file")
     return p.parse_args()
-
-
-def setup(attention: str) -> tuple[torch.device, int, int]:
-    """The device, rank and world size; a process group only for ring attention."""
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else None
-    if cuda:
-        torch.cuda.set_device(device)
-    if attention == "sdpa":
-        if int(os.environ.get("WORLD_SIZE", 1)) != 1:
-            raise SystemExit("--attention sdpa is the one-process baseline: run it with python")
-        return device or torch.device("cpu"), 0, 1
-    if cuda:
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        dist.init_process_group("gloo")
-    return device or torch.device("cpu"), dist.get_rank(), dist.get_world_size()
 
 
 class ForwardTimer:
@@ -98,15 +77,7 @@ def main() -> None:
     dtype = (
         getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     )
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate or 4 * args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=args.prompt_len + args.new_tokens,
-    )
+    config = llama_config(args, args.prompt_len + args.new_tokens)
     torch.manual_seed(0)  # the same weights and prompt on every rank
     with device:
         model = AutoModelForCausalLM.from_config(

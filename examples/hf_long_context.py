@@ -29,6 +29,13 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seq-len", type=int, default=8192)
     p.add_argument("--steps", type=int, default=3)
+    add_model_arguments(p)
+    p.add_argument("--json", default=None, help="write the run's numbers to this file")
+    return p.parse_args()
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The attention to use and the model's size (shared with hf_generate_long.py)."""
     p.add_argument("--attention", choices=["ringattn", "sdpa"], default="ringattn")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--intermediate", type=int, default=None, help="default: 4 x hidden")
@@ -36,8 +43,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--json", default=None, help="write the run's numbers to this file")
-    return p.parse_args()
+
+
+def llama_config(args: argparse.Namespace, max_positions: int) -> LlamaConfig:
+    """A Llama of the size the arguments ask for."""
+    return LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate or 4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max_positions,
+    )
 
 
 def setup(attention: str) -> tuple[torch.device, int, int]:
@@ -63,15 +81,7 @@ def main() -> None:
     ringattn = args.attention == "ringattn"
     if ringattn:
         ringattn_hf.register()
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate or 4 * args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=args.seq_len,
-    )
+    config = llama_config(args, args.seq_len)
     cuda = device.type == "cuda"
     torch.manual_seed(0)  # the same weights and batch on every rank
     with device:  # initialise on the device: a large model is slow to initialise on the host
