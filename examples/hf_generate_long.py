@@ -20,18 +20,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
-import json
 import time
 
 import torch
-import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 import ringattn.integrations.transformers as ringattn_hf
 from ringattn.integrations.transformers_cache import RingCache
 
 # The model's arguments and size, and the process set-up, are the training example's.
-from hf_long_context import add_model_arguments, llama_config, setup
+from hf_long_context import add_model_arguments, finish, llama_config, setup
 
 
 def parse_args() -> argparse.Namespace:
@@ -146,13 +144,7 @@ def main() -> None:
         record["gpu_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
         if rank == 0:
             print(f"peak {record['peak_gib']:.1f} GiB per GPU", flush=True)
-    if args.json and rank == 0:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
-    if ringattn:
-        dist.destroy_process_group()
-    if "out_of_memory" in record:
-        raise SystemExit(3)
+    finish(record, args.json, rank, ringattn)
 
 
 if __name__ == "__main__":

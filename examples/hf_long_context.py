@@ -75,6 +75,17 @@ def setup(attention: str) -> tuple[torch.device, int, int]:
     return device or torch.device("cpu"), dist.get_rank(), dist.get_world_size()
 
 
+def finish(record: dict, json_path: str | None, rank: int, ringattn: bool) -> None:
+    """Write the run's record, leave the process group, and exit 3 if it ran out of memory."""
+    if json_path and rank == 0:
+        with open(json_path, "w") as f:
+            json.dump(record, f, indent=1)
+    if ringattn:
+        dist.destroy_process_group()
+    if "out_of_memory" in record:
+        raise SystemExit(3)
+
+
 def main() -> None:
     args = parse_args()
     device, rank, world = setup(args.attention)
@@ -137,13 +148,7 @@ def main() -> None:
             print(f"out of memory at {args.seq_len} tokens: {record['out_of_memory']}", flush=True)
     if cuda:
         record["gpu_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
-    if args.json and rank == 0:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
-    if ringattn:
-        dist.destroy_process_group()
-    if "out_of_memory" in record:
-        raise SystemExit(3)
+    finish(record, args.json, rank, ringattn)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import datetime
 import io
+import json
 import os
 import queue
+import subprocess
+import sys
 import tempfile
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -148,3 +152,29 @@ def run_ranks_with_faults(
             if p.is_alive():
                 p.kill()
     return [found.get(r, {"hung": True}) for r in range(world_size)]
+
+
+def run_example_both_ways(example: str, args: list[str], out_dir: Path) -> dict[str, Any]:
+    """Run ``examples/<example>`` with ``--attention sdpa`` on one process and with ringattn
+    on 2 torchrun ranks; return each run's ``--json`` record ("sdpa", "ringattn")."""
+    script = Path(__file__).parents[1] / "examples" / example
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    runs = {
+        "sdpa": [sys.executable, str(script), "--attention", "sdpa"],
+        "ringattn": [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            str(script),
+        ],  # fmt: skip
+    }
+    found = {}
+    for name, cmd in runs.items():
+        out = out_dir / f"{name}.json"
+        done = subprocess.run([*cmd, *args, "--json", str(out)], env=env, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        found[name] = json.loads(out.read_text())
+    return found

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -15,7 +10,7 @@ from inference_cases import all_cases, hf_generate
 from ringattn.inference import choose_prefill_method
 from ringattn.planner import load_calibration
 
-from distributed import run_ranks
+from distributed import run_example_both_ways, run_ranks
 
 F64_TOL = 1e-12  # float64 against float64 attention, relative to outputs of size ~1
 F32_TOL = 2e-6
@@ -122,28 +117,9 @@ def test_selector_follows_the_paper_rule() -> None:
 def test_example_generates_like_one_process(tmp_path) -> None:
     """examples/hf_generate_long.py: greedy tokens on 2 ranks (sharded prefill, decode over
     the sharded cache) equal one process with transformers' own cache."""
-    example = Path(__file__).parents[1] / "examples" / "hf_generate_long.py"
     model = ["--prompt-len", "64", "--new-tokens", "5", "--hidden", "64", "--layers", "2",
              "--heads", "4", "--kv-heads", "2", "--vocab", "100", "--batch", "2"]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    runs = {
-        "sdpa": [sys.executable, str(example), "--attention", "sdpa"],
-        "ringattn": [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
-            str(example),
-        ],  # fmt: skip
-    }
-    found = {}
-    for name, cmd in runs.items():
-        out = tmp_path / f"{name}.json"
-        done = subprocess.run([*cmd, *model, "--json", str(out)], env=env, capture_output=True,
-                              text=True, timeout=300)  # fmt: skip
-        assert done.returncode == 0, done.stderr[-2000:]
-        found[name] = json.loads(out.read_text())
+    found = run_example_both_ways("hf_generate_long.py", model, tmp_path)
     assert len(found["sdpa"]["tokens"][0]) == 5
     assert found["ringattn"]["tokens"] == found["sdpa"]["tokens"], found
     # The 64-token prompt was prefilled sharded (32 per rank), then 4 decode tokens stored.

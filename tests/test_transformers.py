@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import functools
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from distributed import run_ranks
+from distributed import run_example_both_ways, run_ranks
 from hf_cases import loss_and_grads, one_process, run_masked_batches
 
 MASKED_CASES = [
@@ -100,28 +95,10 @@ def test_what_cannot_run_context_parallel_raises() -> None:
 
 def test_example_trains_like_one_process(tmp_path) -> None:
     """examples/hf_long_context.py: 3 AdamW steps on 2 ranks give the one-process losses."""
-    example = Path(__file__).parents[1] / "examples" / "hf_long_context.py"
     model = ["--seq-len", "256", "--steps", "3", "--hidden", "64", "--layers", "2",
              "--heads", "4", "--kv-heads", "2", "--vocab", "100"]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    runs = {
-        "sdpa": [sys.executable, str(example), "--attention", "sdpa"],
-        "ringattn": [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
-            str(example),
-        ],  # fmt: skip
-    }
-    losses = {}
-    for name, cmd in runs.items():
-        out = tmp_path / f"{name}.json"
-        done = subprocess.run([*cmd, *model, "--json", str(out)], env=env, capture_output=True,
-                              text=True, timeout=300)  # fmt: skip
-        assert done.returncode == 0, done.stderr[-2000:]
-        losses[name] = [step["loss"] for step in json.loads(out.read_text())["steps"]]
+    runs = run_example_both_ways("hf_long_context.py", model, tmp_path)
+    losses = {name: [step["loss"] for step in run["steps"]] for name, run in runs.items()}
     assert len(losses["ringattn"]) == 3
     for got, want in zip(losses["ringattn"], losses["sdpa"], strict=True):
         assert abs(got - want) <= 1e-5 * abs(want), losses
