@@ -97,6 +97,19 @@ def _check_tensor(name: str, x: object) -> Tensor:
     return x
 
 
+def check_kv_like_q(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """k and v have q's dtype and device; ``_Rejected`` naming the first that does not."""
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise _Rejected(
+                name, TypeError, f"{name}.dtype must equal q.dtype ({q.dtype}), got {x.dtype}"
+            )
+        if x.device != q.device:
+            raise _Rejected(
+                name, ValueError, f"{name} must be on q's device {q.device}, got {x.device}"
+            )
+
+
 def check_scale(scale: object, head_dim: int) -> float:
     """The softmax scale to use (``1 / sqrt(head_dim)`` for None); ``_Rejected`` if bad."""
     if scale is None:
@@ -124,15 +137,8 @@ def _check_arguments(
 ) -> tuple[float, Kernel]:
     """Raise ``_Rejected`` for the first bad argument; return the scale and the kernel to use."""
     q, k, v = _check_tensor("q", q), _check_tensor("k", k), _check_tensor("v", v)
+    check_kv_like_q(q, k, v)
     for name, x in (("k", k), ("v", v)):
-        if x.dtype != q.dtype:
-            raise _Rejected(
-                name, TypeError, f"{name}.dtype must equal q.dtype ({q.dtype}), got {x.dtype}"
-            )
-        if x.device != q.device:
-            raise _Rejected(
-                name, ValueError, f"{name} must be on q's device {q.device}, got {x.device}"
-            )
         if x.size(0) != q.size(0):
             raise _Rejected(
                 name,

@@ -70,7 +70,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import comm
-from .checks import _Rejected, check_scale, exchange_descriptions
+from .checks import _Rejected, check_kv_like_q, check_scale, exchange_descriptions
 from .kernels import BACKENDS, Kernel, accumulation_dtype, get_kernel, select_kernel
 from .layout import chunk_ids, ring_plan
 from .merge import merge_into
@@ -455,15 +455,7 @@ def _check_common(
 ) -> tuple[Tensor, Tensor, Tensor, KVCache, float]:
     what = "local new tokens" if op == "prefill" else "new tokens"
     q, k, v = _tensor("q", q, what), _tensor("k", k, what), _tensor("v", v, what)
-    for name, x in (("k", k), ("v", v)):
-        if x.dtype != q.dtype:
-            raise _Rejected(
-                name, TypeError, f"{name}.dtype must equal q.dtype ({q.dtype}), got {x.dtype}"
-            )
-        if x.device != q.device:
-            raise _Rejected(
-                name, ValueError, f"{name} must be on q's device {q.device}, got {x.device}"
-            )
+    check_kv_like_q(q, k, v)
     if k.shape != v.shape:
         raise _Rejected(
             "v", ValueError, f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}"
