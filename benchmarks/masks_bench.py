@@ -182,6 +182,25 @@ class Bench:
             dist.all_reduce(ms, op=dist.ReduceOp.MAX)
         return float(ms)
 
+    def profile(self, case: Case, method: str, step: Callable[[], None], everyone: bool) -> None:
+        """Print the busiest GPU kernels of two iterations (rank 0), ms per iteration."""
+        from torch.profiler import ProfilerActivity, profile
+
+        if not everyone and self.rank != 0:
+            return
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                step()
+            self.sync()
+        if self.rank == 0:
+            rows = [e for e in prof.key_averages() if e.device_time_total > 0]
+            rows.sort(key=lambda e: e.self_device_time_total, reverse=True)
+            total = sum(e.self_device_time_total for e in rows) / 2e3
+            print(f"-- profile {case.name} {method}: GPU busy {total:.2f} ms per iteration")
+            for e in rows[:14]:
+                ms = e.self_device_time_total / 2e3
+                print(f"   {ms:8.3f} ms  x{e.count // 2:<4d} {e.key[:90]}")
+
     def peak_gib(self) -> float | None:
         if self.device.type != "cuda":
             return None
@@ -331,6 +350,8 @@ class Bench:
                 traceback.print_exc()
             self.emit({"case": case.name, "method": method, "error": repr(err)[:400]})
             return None
+        if self.args.profile:
+            self.profile(case, method, step, everyone)
         self.emit(
             {
                 "case": case.name,
@@ -568,6 +589,7 @@ def main() -> None:
     p.add_argument("--report", nargs="*", help="print Markdown tables from these JSON files")
     p.add_argument("--md", help="with --report: also write the tables here")
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--profile", action="store_true", help="print each method's top GPU kernels")
     p.add_argument(
         "--recompile-limit",
         type=int,

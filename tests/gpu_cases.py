@@ -201,6 +201,96 @@ def run_nccl(rank: int, world: int) -> list[dict]:
     return rows if rank == 0 else []
 
 
+# Masks on GPUs (FlexAttention for partial pairs): name -> (documents' lengths, causal,
+# window, mask function name), over 1024 tokens per rank. Uneven documents, one longer
+# than a shard; a window that crosses shard edges; a prefix-LM mask function.
+MASKED = {
+    "docs": ("uneven", True, None, None),
+    "window": (None, True, (300, 0), None),
+    "docs-window": ("uneven", True, (200, 0), None),
+    "prefix-lm": (None, False, None, "prefix_lm"),
+}
+
+
+def _lengths(tokens: int) -> list[int]:
+    cut = [1, 7, 129, tokens // 2 + 5, 300]
+    return [*cut, tokens - sum(cut)]
+
+
+def _lookup(dense: torch.Tensor):
+    def mask_mod(b, h, qi, kv):
+        return dense[b, h, qi, kv]
+
+    return mask_mod
+
+
+def run_masked(rank: int, world: int) -> list[dict]:
+    """Every strategy under documents, a window and a mask function, bf16, against float64
+    with the same dense mask; one-GPU FlexAttention in bf16 is the same-dtype comparator.
+    Rank 0 returns the measured errors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from mask_cases import MASK_MODS, reference_attention, reference_mask
+
+    tokens = TOKENS_PER_RANK * world
+    strategies = ["ring", "allgather", "ulysses", "auto"] + (["hybrid"] if world >= 4 else [])
+    mesh2d = init_device_mesh("cuda", (world // 2, 2)) if world >= 4 else None
+    flex = torch.compile(flex_attention, dynamic=False)
+    rows = []
+    for i, (name, (docs, causal, window, mod)) in enumerate(MASKED.items()):
+        lengths = _lengths(tokens) if docs else [tokens]
+        case = {
+            "batch": 2,
+            "heads": 8,
+            "seq": tokens,
+            "segments": [(n, False) for n in lengths],
+            "causal": causal,
+            "window": window,
+            "mask_mod": mod,
+        }
+        dense = reference_mask(case).cuda()
+        full = _inputs(700 + i, tokens, 2, "bfloat16")
+        scale = 128**-0.5
+        q64, k64, v64 = (x.double().requires_grad_() for x in full[:3])
+        ref_out, _ = reference_attention(q64, k64, v64, dense, scale)
+        want = dict(
+            zip(FIELDS, (ref_out, *torch.autograd.grad(ref_out, (q64, k64, v64), full[3].double())))
+        )
+        block_mask = create_block_mask(
+            _lookup(dense),
+            2,
+            8,
+            tokens,
+            tokens,
+            device="cuda",
+        )
+        q1, k1, v1 = (x.detach().clone().requires_grad_() for x in full[:3])
+        out1 = flex(q1, k1, v1, block_mask=block_mask, scale=scale, enable_gqa=True)
+        same = dict(zip(FIELDS, (out1, *torch.autograd.grad(out1, (q1, k1, v1), full[3]))))
+        documents = ringattn.Documents.from_lengths(lengths) if docs else None
+        for strategy in strategies:
+            mesh = mesh2d if strategy == "hybrid" else None
+            cut = {"documents": documents} if documents is not None else {"layout": "zigzag"}
+            q, k, v, dout = (ringattn.shard(x, mesh, **cut).detach().clone() for x in full)
+            leaves = [x.requires_grad_() for x in (q, k, v)]
+            kw = dict(causal=causal, documents=documents, window=window)
+            kw["mask_mod"] = MASK_MODS[mod] if mod else None
+            if strategy == "ring":
+                out = ringattn.ring_attention(*leaves, **kw)
+            else:
+                out = ringattn.attention(*leaves, mesh, strategy=strategy, **kw)
+            out.backward(dout)
+            got = {"out": out, **{n: x.grad for n, x in zip(FIELDS[1:], leaves)}}
+            got = {n: ringattn.unshard(t, mesh, **cut) for n, t in got.items()}
+            if rank == 0:
+                fields = {n: (errors(got[n], want[n]), errors(same[n], want[n])) for n in FIELDS}
+                rows.append(
+                    {"id": f"masked-{name}-{strategy}", "dtype": "bfloat16", "fields": fields}
+                )
+    return rows if rank == 0 else []
+
+
 def run_triton_merge() -> list[dict]:
     """The compiled Triton merge on CUDA against the merge computed in float64."""
     g = torch.Generator(device="cuda").manual_seed(0)

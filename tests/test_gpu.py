@@ -98,3 +98,23 @@ def test_cuda_graph_replay_matches_float64(nccl_rows) -> None:
 def test_the_ring_merged_with_the_triton_kernel(nccl_rows) -> None:
     (row,) = _select(nccl_rows, "triton-merges")
     assert row["count"] > 0
+
+
+@pytest.fixture(scope="module")
+def masked_rows() -> list[dict]:
+    gpus = torch.cuda.device_count()
+    if gpus < 2:
+        pytest.skip(f"NCCL tests need 2 GPUs, found {gpus}")
+    from gpu_cases import run_masked
+
+    return run_ranks(run_masked, min(gpus, 4), backend="nccl", timeout=600)[0]
+
+
+def test_masks_over_nccl_every_strategy(masked_rows) -> None:
+    """Documents, a window, both, and a prefix-LM mask function; ring, all-gather, Ulysses,
+    auto (and the hybrid on 4 GPUs), bf16 with FlexAttention, against float64."""
+    rows = masked_rows
+    world = min(torch.cuda.device_count(), 4)
+    assert len(rows) == 4 * (5 if world >= 4 else 4)
+    bad = _failures(rows)
+    assert not bad, "\n".join(bad)

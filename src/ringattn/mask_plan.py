@@ -19,13 +19,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from .balance import Placement
 from .layout import BlockPlan, Part
 from .masked_kernels import MaskedBlock
 from .masks import MaskSpec, PairMask
 
-__all__ = ["MaskedPlans", "block_plan", "ring_plans", "single_plan"]
+__all__ = ["MaskedPlans", "block_plan", "fetched_plan", "ring_plans", "single_plan"]
 
 
 def block_plan(pair: PairMask, source: int, kernel: str, keep_empty: bool) -> BlockPlan | None:
@@ -129,6 +130,23 @@ def single_plan(
 
 
 _SINGLE: dict[tuple, BlockPlan] = {}
+
+
+def fetched_plan(
+    spec: MaskSpec, placement: Placement, rank: int, key_positions: Tensor, kernel: str
+) -> BlockPlan:
+    """One pair: the queries of ``rank`` against the keys it fetched (``key_positions``,
+    sorted; see :mod:`ringattn.kv_exchange`), as the masked all-gather computes it (cached)."""
+    key = (spec.key, placement, rank, kernel, "fetched")
+    plan = _SINGLE.get(key)
+    if plan is None:
+        pair = PairMask.build(spec, placement.positions(rank), key_positions)
+        plan = block_plan(pair, 0, kernel, keep_empty=True)
+        assert plan is not None
+        if len(_SINGLE) >= _CACHE_LIMIT:
+            _SINGLE.clear()
+        _SINGLE[key] = plan
+    return plan
 
 
 def density(spec: MaskSpec) -> float:

@@ -16,6 +16,9 @@ lse = -inf, which the merge treats as adding nothing.
   the result is the block's share of the *full* attention's gradient:
   with ``w = exp(lse_block - lse)``, ``d out_block = w * dout`` and
   ``d lse_block = w * (rowsum(dout * out_block) - rowsum(dout * out))``.
+  (The recomputation costs about one block forward in each backward. Strategies that
+  compute a pair in one call -- all-gather, Ulysses -- use :meth:`MaskedBlock.attend`,
+  FlexAttention's own autograd, and recompute nothing.)
 """
 
 from __future__ import annotations
@@ -189,6 +192,17 @@ class MaskedBlock:
         mask = _mask5(self._dense(q), k.size(1), groups)
         return _math_forward(q, k, v, False, scale, mask=mask)
 
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        """Differentiable attention of the whole pair, for a strategy that computes it in one
+        call (all-gather, Ulysses). ``flex`` runs FlexAttention under its own autograd: its
+        backward reads the forward's output and lse, so nothing is recomputed (the ring's
+        blocks cannot do this, see the module docstring). ``math`` runs this block's
+        forward and backward."""
+        if self.kernel == "flex":
+            fn = _compiled_flex() if q.device.type == "cuda" else _eager_flex()
+            return fn(q, k, v, block_mask=self.block_mask(q.device), scale=scale, enable_gqa=True)
+        return _PairAttention.apply(q, k, v, self, scale)
+
     def backward(
         self,
         dout: Tensor,
@@ -205,6 +219,29 @@ class MaskedBlock:
         groups = q.size(1) // k.size(1)
         mask = _mask5(self._dense(q), k.size(1), groups)
         return _math_backward(dout, q, k, v, out, lse, aux, False, scale, mask=mask)
+
+
+def _eager_flex() -> Any:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention
+
+
+class _PairAttention(torch.autograd.Function):
+    """One masked pair's forward and backward (the ``math`` kernel) under autograd."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, block: MaskedBlock, scale: float):  # type: ignore[override]
+        out, lse, aux = block.forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.block, ctx.aux, ctx.scale = block, aux, scale
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.block.backward(dout.contiguous(), q, k, v, out, lse, ctx.aux, ctx.scale)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 def _flex_backward(

@@ -40,6 +40,11 @@ __all__ = [
 ]
 
 _BACKWARD_SHARE = 2.5 / 3.5  # of forward+backward attention FLOPs
+# The ring's masked FlexAttention blocks against one FlexAttention call over the same pairs
+# (all-gather, Ulysses): each block's backward recomputes its forward (4.5 / 3.5 of the
+# work), and every step adds a merge and a partial mask. Measured 1.36-1.67x on 2 and 4
+# H200s (packed documents at 64K and 256K tokens, a 4K window at 128K).
+_RECOMPUTED = 1.45
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
 
@@ -131,6 +136,9 @@ class Problem:
     # leaves, and how many ring steps carry any work (None: all of them).
     density: float = 1.0
     ring_steps: int | None = None
+    # Whether the ring's masked blocks recompute their forward in the backward (FlexAttention
+    # on GPUs); the strategies that compute the pair in one call do not.
+    ring_recompute: bool = False
 
     def check(self) -> None:
         """ValueError naming the field that cannot describe a layer on a cluster."""
@@ -266,6 +274,8 @@ def plan(problem: Problem, calibration: Calibration | None = None) -> list[PlanR
     rows = []
 
     compute, comm, steps = _ring_ms(cal, p, n, p.heads, p.kv_heads, local, n, p.ring_steps)
+    if p.ring_recompute:
+        compute *= _RECOMPUTED
     ring_mem = base_mem + 3 * kv_local + (2 * kv_local * 4 / b if n > 2 else kv_local)
     host = steps * cal.host_us_per_step * 1e-3
     rows.append(_row("ring", compute, comm, 0.0, host, ring_mem, cal))
@@ -298,6 +308,8 @@ def plan(problem: Problem, calibration: Calibration | None = None) -> list[PlanR
             compute, ring_comm, ring_steps = _ring_ms(
                 cal, p, outer, heads_here, kv_here, ring_local, n
             )
+            if p.ring_recompute:
+                compute *= _RECOMPUTED
         elements = p.batch * local * p.head_dim * (2 * p.heads + 2 * kv)  # q, k, v, out
         a2a_bytes = 2 * elements * b * (inner - 1) / inner  # forward and backward alike
         a2a = a2a_bytes / (_link(cal, p, inner, p2p=False) * 1e9) * 1e3 + 4 * cal.latency_us * 1e-3
@@ -327,11 +339,13 @@ def choose_strategy(
     backend: str,
     density: float = 1.0,
     ring_steps: int | None = None,
+    ring_recompute: bool = False,
 ) -> str:
     """The strategy ``ringattn.attention(strategy="auto")`` runs for these shards.
 
     Every rank computes the same answer from shapes every rank agreed on and the same
-    calibration file. ``density`` and ``ring_steps`` price a mask (see :class:`Problem`).
+    calibration file. ``density``, ``ring_steps`` and ``ring_recompute`` price a
+    mask (see :class:`Problem`).
     """
     inner = sm.inner_size if sm.inner is not None else None
     problem = Problem(
@@ -347,6 +361,7 @@ def choose_strategy(
         dtype=str(q.dtype).removeprefix("torch."),
         density=density,
         ring_steps=ring_steps,
+        ring_recompute=ring_recompute,
     )
     key = (problem, inner)
     found = _CHOSEN.get(key)

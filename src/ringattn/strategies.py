@@ -30,9 +30,10 @@ from .api import ring_attention
 from .checks import _call_key, checked_call
 from .comm import SequenceMesh, resolve_mesh
 from .kernels import Kernel, accumulation_dtype, select_kernel
+from .kv_exchange import fetch_kv, kv_exchange
 from .layout import BlockPlan, chunk_ids, kv_heads_for_ulysses
 from .mask_calls import MaskArguments, check_masked, masked_call, placement_for
-from .mask_plan import density, ring_plans, single_plan
+from .mask_plan import density, fetched_plan, ring_plans, single_plan
 from .masked_kernels import masked_kernel_for
 from .masks import Documents, MaskMod, MaskSpec
 from .merge import merge_into
@@ -214,6 +215,72 @@ def _query_blocks(ids: Sequence[int], causal: bool, chunk: int) -> list[tuple[in
     return blocks
 
 
+@functools.lru_cache(maxsize=64)
+def _row_orders(
+    ids: tuple[int, ...], per_rank: int, planes: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Row indices that turn gathered pieces into position order, and back.
+
+    A gathered tensor ``[world, B, H, per_rank * chunk, D]`` is seen as rows of one
+    piece-plane (``chunk * D`` elements; ``planes = B * H``): row ``(r, x, p)`` is plane x of
+    rank r's p-th piece. Position order is rows ``(x, c)`` for chunk c. One ``index_select``
+    with these rows does the whole reorder in a single pass over contiguous rows."""
+    world = len(ids) // per_rank
+    chunks = len(ids)
+    where = {c: j for j, c in enumerate(ids)}  # chunk id -> index in rank order
+    to_position = [
+        (where[c] // per_rank * planes + x) * per_rank + where[c] % per_rank
+        for x in range(planes)
+        for c in range(chunks)
+    ]
+    to_rank = [
+        x * chunks + ids[r * per_rank + p]
+        for r in range(world)
+        for x in range(planes)
+        for p in range(per_rank)
+    ]
+    return torch.tensor(to_position, device=device), torch.tensor(to_rank, device=device)
+
+
+def _gather_by_position(
+    x: Tensor, group: dist.ProcessGroup, ids: tuple[int, ...], per_rank: int
+) -> Tensor:
+    """Every rank's ``x`` (rank r holds chunks ``ids[r * per_rank:(r + 1) * per_rank]``),
+    gathered and put in position order: ``[B, H, S, D]``."""
+    world = comm.group_facts(group)[1]
+    b, h, s_local, d = x.shape
+    gathered = x.new_empty((world, b, h, s_local, d))
+    comm.all_gather_into(gathered, x.contiguous(), group)
+    rows = _row_orders(ids, per_rank, b * h, x.device)[0]
+    piece = s_local // per_rank * d
+    return gathered.view(-1, piece).index_select(0, rows).view(b, h, world * s_local, d)
+
+
+def _scatter_by_rank(
+    dx: Tensor, group: dist.ProcessGroup, ids: tuple[int, ...], per_rank: int
+) -> Tensor:
+    """``dx`` (``[B, H, S, D]`` in position order: this rank's gradients for every
+    position) summed over ranks and cut to this rank's chunks, in ``dx``'s dtype (the
+    reduce-scatter adds in it): ``[B, H, S_local, D]``."""
+    world = comm.group_facts(group)[1]
+    b, h, s, d = dx.shape
+    s_local = s // world
+    rows = _row_orders(ids, per_rank, b * h, dx.device)[1]
+    send = dx.reshape(-1, s_local // per_rank * d).index_select(0, rows)
+    mine = dx.new_empty((b, h, s_local, d))
+    comm.reduce_scatter_into(mine, send.view(world, b, h, s_local, d), group)
+    return mine
+
+
+def _gather_kv(
+    k: Tensor, v: Tensor, group: dist.ProcessGroup, ids: tuple[int, ...], per_rank: int
+) -> tuple[Tensor, Tensor]:
+    """Every rank's K/V in position order: ``(k_full, v_full)``."""
+    return _gather_by_position(k, group, ids, per_rank), _gather_by_position(
+        v, group, ids, per_rank
+    )
+
+
 class _AllGatherAttention(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -229,17 +296,9 @@ class _AllGatherAttention(torch.autograd.Function):
         scale: float,
         plan: BlockPlan | None = None,
     ):  # type: ignore[override]
-        world = comm.group_facts(group)[1]
         per_rank = len(local_ids)
         chunk = q.size(2) // per_rank
-        kv = torch.stack((k, v)).contiguous()  # one gather for both
-        gathered = torch.empty((world, *kv.shape), dtype=kv.dtype, device=kv.device)
-        comm.all_gather_into(gathered, kv, group)
-        b, h, _, d = k.shape
-        pieces = gathered.reshape(world, 2, b, h, per_rank, chunk, d).permute(0, 4, 1, 2, 3, 5, 6)
-        pieces = _pieces_by_position(pieces.reshape(world * per_rank, 2, b, h, chunk, d), ids)
-        full = pieces.permute(1, 2, 3, 0, 4, 5).reshape(2, b, h, world * per_rank * chunk, d)
-        k_full, v_full = full[0], full[1]
+        k_full, v_full = _gather_kv(k, v, group, ids, per_rank)
         outs, lses, auxes = [], [], []
         # Under a mask, one pair (all local queries, every key) whose plan says how.
         blocks = _query_blocks(local_ids, causal, chunk) if plan is None else [(-1, 0, -1, False)]
@@ -299,17 +358,9 @@ class _AllGatherAttention(torch.autograd.Function):
             dq[:, :, rows] += dqb
             dkv[0, :, :, start:end] += dkb
             dkv[1, :, :, start:end] += dvb
-        world = comm.group_facts(group)[1]
-        per_rank = len(ids) // world
-        b, h, _, d = k_full.shape
-        # [2, B, H, S, D] -> pieces in rank order -> [world, 2, B, H, S_local, D]
-        pieces = dkv.reshape(2, b, h, world * per_rank, chunk, d).permute(3, 0, 1, 2, 4, 5)
-        pieces = _pieces_by_rank(pieces.contiguous(), ids)
-        send = pieces.reshape(world, per_rank, 2, b, h, chunk, d).permute(0, 2, 3, 4, 1, 5, 6)
-        send = send.reshape(world, 2, b, h, per_rank * chunk, d).contiguous()
-        mine = torch.empty(send.shape[1:], dtype=wide, device=send.device)
-        comm.reduce_scatter_into(mine, send, group)
-        return dq.to(q.dtype), mine[0].to(dtype), mine[1].to(dtype), *([None] * 7)
+        per_rank = len(ids) // comm.group_facts(group)[1]
+        dk, dv = (_scatter_by_rank(g, group, ids, per_rank) for g in dkv)
+        return dq.to(q.dtype), dk.to(dtype), dv.to(dtype), *([None] * 7)
 
 
 def _allgather(
@@ -470,7 +521,14 @@ def _masked_attention(
     if strategy == "auto":
         steps = ring_plans(spec, placement, masked_kernel, sm.rank).steps
         strategy = choose_strategy(
-            q, k, sm, causal, base.kernel.name, density=_density(spec), ring_steps=steps
+            q,
+            k,
+            sm,
+            causal,
+            base.kernel.name,
+            density=_density(spec),
+            ring_steps=steps,
+            ring_recompute=masked_kernel == "flex",
         )
     if strategy == "hybrid" and sm.inner is None:
         raise ValueError(
@@ -482,6 +540,12 @@ def _masked_attention(
         call = masked_call(base, spec, placement, sm.rank, q.device, backend)
         return RingAttentionFunction.apply(q, k, v, call)[0]
     if strategy == "allgather":
+        # Only the keys the rank's queries can see travel, into one masked pair.
+        exchange = kv_exchange(spec, placement, sm.rank)
+        plan = fetched_plan(spec, placement, sm.rank, exchange.positions, masked_kernel)
+        if plan.mask is not None:
+            k_ext, v_ext = fetch_kv(k, v, exchange, sm.flat)
+            return plan.mask.attend(q, k_ext, v_ext, base.scale)
         plan = single_plan(spec, placement, sm.rank, masked_kernel)
         ids = tuple(c for r in range(sm.size) for c in placement.ids[r])
         local_ids = placement.ids[sm.rank]
@@ -506,6 +570,9 @@ def _masked_attention(
     kernel = select_kernel(backend, qh, kh, vh, causal)
     if outer is None:
         plan = single_plan(spec, placement, None, masked_kernel, head_offset)
+        if plan.mask is not None:
+            out = plan.mask.attend(qh, kh, vh, base.scale)
+            return _ToSequence.apply(out, exchange)
         call = RingCall(ring=None, plans=(plan,), kernel=kernel, scale=base.scale)
     else:
         ring_base = RingCall(comm.ring_for(outer), (), kernel, base.scale)
@@ -523,7 +590,16 @@ _masked_eager = torch.compiler.disable(_masked_attention)
 
 
 def _density(spec: MaskSpec) -> float:
-    return round(density(spec), 3)
+    found = _DENSITIES.get(spec.key)
+    if found is None:
+        if len(_DENSITIES) >= 64:
+            _DENSITIES.clear()
+        found = _DENSITIES[spec.key] = round(density(spec), 3)
+    return found
+
+
+# A batch's mask density, priced by every layer's call (computing it walks every position).
+_DENSITIES: dict[tuple, float] = {}
 
 
 def _attention_entry(q, k, v, mesh, causal, scale, layout, backend, strategy):  # noqa: ANN001

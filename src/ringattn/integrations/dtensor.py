@@ -31,7 +31,6 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from ..api import ring_attention
 from ..layout import num_chunks
 from .sdpa_route import (
     TORCH_SDPA,
@@ -42,6 +41,7 @@ from .sdpa_route import (
     check_route_options,
     parse_sdpa_call,
     resolve_layout,
+    route_attention,
 )
 
 __all__ = ["AttentionContextParallel", "attention_context_parallel"]
@@ -194,7 +194,7 @@ def _ring_on_local_shards(
                 f"{x.size(_SEQ_DIM)} positions, which layout={layout!r} on {ring_size} ranks "
                 f"cannot split evenly (needs a multiple of {chunks})"
             )
-    return ring_attention(
+    return route_attention(
         q.to_local(),
         k.to_local(),
         v.to_local(),
@@ -202,7 +202,7 @@ def _ring_on_local_shards(
         causal=call.is_causal,
         scale=call.scale,
         backend=backend,
-        **masks.ring_options(layout),
+        options=masks.ring_options(layout),
     )
 
 

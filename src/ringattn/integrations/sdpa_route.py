@@ -21,6 +21,7 @@ from torch.overrides import TorchFunctionMode
 from ..api import ring_attention
 from ..kernels import BACKENDS
 from ..layout import LAYOUTS
+from ..strategies import attention
 
 __all__ = [
     "Masks",
@@ -32,6 +33,7 @@ __all__ = [
     "check_route_options",
     "parse_sdpa_call",
     "resolve_layout",
+    "route_attention",
 ]
 
 # The functions as PyTorch defines them, whatever a route points the names at meanwhile.
@@ -150,6 +152,29 @@ class Masks:
         return options
 
 
+def route_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    group: Any,
+    *,
+    causal: bool,
+    scale: float | None,
+    backend: str,
+    options: dict[str, Any],
+) -> Tensor:
+    """The attention every route runs on this rank's shards: the ring, or under a mask
+    (``options`` from :meth:`Masks.ring_options` holding documents, a window or a mask_mod)
+    :func:`ringattn.attention` with the planner's strategy. Masked pairs run one FlexAttention
+    call on GPUs under the all-gather and Ulysses strategies, where the ring recomputes each
+    block's forward in its backward; the planner prices both."""
+    if any(name in options for name in ("documents", "window", "mask_mod")):
+        return attention(
+            q, k, v, group, causal=causal, scale=scale, strategy="auto", backend=backend, **options
+        )
+    return ring_attention(q, k, v, group, causal=causal, scale=scale, backend=backend, **options)
+
+
 def resolve_layout(layout: str | None, default: str, documents: Any, where: str) -> str:
     """The layout a route uses: ``default`` for None; none may be named with documents."""
     if documents is not None and layout is not None:
@@ -210,7 +235,7 @@ class RingSDPA(SDPARoute):
 
     def sdpa(self, args: tuple, kwargs: dict) -> Tensor:
         call = parse_sdpa_call(self.where, args, kwargs)
-        return ring_attention(
+        return route_attention(
             call.query,
             call.key,
             call.value,
@@ -218,7 +243,7 @@ class RingSDPA(SDPARoute):
             causal=call.is_causal,
             scale=call.scale,
             backend=self.backend,
-            **self.masks.ring_options(self.layout),
+            options=self.masks.ring_options(self.layout),
         )
 
     def check_multihead(self, arguments: dict[str, Any]) -> None:

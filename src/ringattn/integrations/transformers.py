@@ -41,8 +41,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import comm
-from ..api import ring_attention, shard
-from .sdpa_route import check_route_options
+from ..api import shard
+from .sdpa_route import check_route_options, route_attention
 
 if TYPE_CHECKING:
     from .. import Documents
@@ -169,10 +169,11 @@ def _attention(
         mask["window"] = (window - 1, 0 if causal else window - 1)
     if documents is not None:
         mask["documents"] = documents
-    out = ring_attention(
-        query, key, value, group, causal=causal, scale=scaling, layout=layout, backend=backend,
-        **mask,
-    )  # fmt: skip
+    if "documents" not in mask:
+        mask["layout"] = layout
+    out = route_attention(
+        query, key, value, group, causal=causal, scale=scaling, backend=backend, options=mask
+    )
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -1,0 +1,212 @@
+"""Fetching only the keys a rank's queries can see, for masked attention in one kernel call.
+
+Under a mask, the keys a query may see lie in its key interval (its document, its window,
+causality; a mask function only removes keys from it). The all-gather strategy under a mask
+therefore does not gather everything: :func:`kv_exchange` marks, for every rank, the global
+positions inside some interval of its queries, rounded out to whole tiles of
+:data:`ALIGN` positions (so the fetched keys keep the tile grid of the sequence), and lists
+for every pair of ranks the source's local indices the destination needs. One batched
+point-to-point launch moves them (one message per peer, K and V packed together), and the
+destination lays its own keys and the fetched ones out in position order, the order the
+pair's mask is built for. A causal window of W reaches only W positions into the previous
+shard, so K/V travel ``W`` positions, not ``S``; packed documents fetch the documents a
+rank's queries are in.
+
+The backward returns the fetched keys' gradients to their owners, which add them to the
+gradients of their own queries: in the input dtype when at most one other rank fetched a
+key (one rounding of an exact sum of two), else in float32.
+
+Every rank computes the whole exchange from the mask and the placement alone (both agreed
+across ranks by the argument checks), so the sends and receives match without a handshake.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import comm
+from .balance import Placement
+from .kernels import accumulation_dtype
+from .masks import MaskSpec
+
+__all__ = ["ALIGN", "KVExchange", "fetch_kv", "kv_exchange"]
+
+# Fetched positions are rounded out to whole tiles of this many positions (FlexAttention's
+# block size), so a window's halo does not shift the shard's keys off the tile grid.
+ALIGN = 128
+
+
+@dataclass(frozen=True)
+class KVExchange:
+    """What one rank fetches and serves under a mask (cached per mask and placement)."""
+
+    rank: int
+    world: int
+    positions: Tensor  # sorted global positions of this rank's keys: its own and the fetched
+    own_slots: Tensor  # where its own keys sit among them ([S_local], ascending)
+    fetch: tuple[tuple[int, Tensor, Tensor], ...]  # (source, source's local indices, slots)
+    serve: tuple[tuple[int, Tensor], ...]  # (destination, this rank's local indices it needs)
+
+    @property
+    def fetched(self) -> int:
+        """Keys this rank receives from others."""
+        return sum(int(idx.numel()) for _, idx, _ in self.fetch)
+
+
+def _needed(spec: MaskSpec, qpos: Tensor) -> Tensor:
+    """Bool ``[S]``: the global positions some query at ``qpos`` may see, tile-aligned."""
+    s = spec.seq_len
+    lo, hi = spec.key_interval(qpos)
+    lo, hi = lo.flatten(), hi.flatten()
+    some = hi >= lo
+    diff = torch.zeros(s + 1, dtype=torch.int64)
+    diff.index_add_(0, lo[some], torch.ones_like(lo[some]))
+    diff.index_add_(0, hi[some] + 1, -torch.ones_like(hi[some]))
+    need = diff.cumsum(0)[:s] > 0
+    tiles = -(-s // ALIGN)
+    padded = torch.zeros(tiles * ALIGN, dtype=torch.bool)
+    padded[:s] = need
+    return padded.view(tiles, ALIGN).any(-1).repeat_interleave(ALIGN)[:s]
+
+
+_CACHE: OrderedDict[tuple, KVExchange] = OrderedDict()
+_CACHE_LIMIT = 16
+
+
+def kv_exchange(spec: MaskSpec, placement: Placement, rank: int) -> KVExchange:
+    """The exchange of ``rank`` under ``spec`` on ``placement`` (cached)."""
+    key = (spec.key, placement, rank)
+    found = _CACHE.get(key)
+    if found is not None:
+        _CACHE.move_to_end(key)
+        return found
+    world = placement.world_size
+    positions = [placement.positions(r) for r in range(world)]
+    needs = [_needed(spec, positions[r]) for r in range(world)]
+    fetch_idx = [
+        torch.nonzero(needs[rank][positions[s]]).flatten() if s != rank else None
+        for s in range(world)
+    ]
+    own = positions[rank]
+    every = torch.cat([own, *(positions[s][i] for s, i in enumerate(fetch_idx) if i is not None)])
+    order = torch.argsort(every)
+    slot_of = torch.empty_like(order)
+    slot_of[order] = torch.arange(order.numel())
+    own_slots = slot_of[: own.numel()]
+    fetch, start = [], own.numel()
+    for s, idx in enumerate(fetch_idx):
+        if idx is None or idx.numel() == 0:
+            continue
+        fetch.append((s, idx, slot_of[start : start + idx.numel()]))
+        start += idx.numel()
+    serve = []
+    for d in range(world):
+        if d == rank:
+            continue
+        idx = torch.nonzero(needs[d][own]).flatten()
+        if idx.numel():
+            serve.append((d, idx))
+    found = KVExchange(rank, world, every[order], own_slots, tuple(fetch), tuple(serve))
+    _CACHE[key] = found
+    if len(_CACHE) > _CACHE_LIMIT:
+        _CACHE.popitem(last=False)
+    return found
+
+
+def _on(device: torch.device, x: Tensor, memo: dict) -> Tensor:
+    """``x`` on ``device``, copied there once per exchange (index tensors are small)."""
+    key = (id(x), device)
+    found = memo.get(key)
+    if found is None:
+        found = memo[key] = x.to(device)
+    return found
+
+
+class _FetchKV(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, k: Tensor, v: Tensor, ex: KVExchange, group: dist.ProcessGroup):  # type: ignore[override]
+        dev = k.device
+        memo = _device_indices(ex)
+        b, h, _, d = k.shape
+        n = ex.positions.numel()
+        k_ext, v_ext = k.new_empty((b, h, n, d)), v.new_empty((b, h, n, d))
+        own = _on(dev, ex.own_slots, memo)
+        k_ext.index_copy_(2, own, k)
+        v_ext.index_copy_(2, own, v)
+        sends = [
+            (dst, torch.stack((k.index_select(2, i), v.index_select(2, i))))
+            for dst, i in ((dst, _on(dev, idx, memo)) for dst, idx in ex.serve)
+        ]
+        recvs = [(src, k.new_empty((2, b, h, idx.numel(), d))) for src, idx, _ in ex.fetch]
+        _exchange(group, sends, recvs, "fetching the keys this rank's queries see")
+        for (_, _, slots), (_, buf) in zip(ex.fetch, recvs):
+            at = _on(dev, slots, memo)
+            k_ext.index_copy_(2, at, buf[0])
+            v_ext.index_copy_(2, at, buf[1])
+        ctx.ex, ctx.group = ex, group
+        return k_ext, v_ext
+
+    @staticmethod
+    def backward(ctx: Any, dk_ext: Tensor, dv_ext: Tensor):  # type: ignore[override]
+        ex, group = ctx.ex, ctx.group
+        dev = dk_ext.device
+        memo = _device_indices(ex)
+        sends = [
+            (src, torch.stack((dk_ext.index_select(2, at), dv_ext.index_select(2, at))))
+            for src, at in ((src, _on(dev, slots, memo)) for src, _, slots in ex.fetch)
+        ]
+        b, h, _, d = dk_ext.shape
+        recvs = [(dst, dk_ext.new_empty((2, b, h, idx.numel(), d))) for dst, idx in ex.serve]
+        _exchange(group, sends, recvs, "returning the fetched keys' gradients")
+        own = _on(dev, ex.own_slots, memo)
+        dtype = dk_ext.dtype
+        # One other term per key is one rounding of an exact sum; more accumulate wide.
+        wide = dtype if len(ex.serve) <= 1 else accumulation_dtype(dtype)
+        dk, dv = (g.index_select(2, own).to(wide) for g in (dk_ext, dv_ext))
+        for (_, idx), (_, buf) in zip(ex.serve, recvs):
+            at = _on(dev, idx, memo)
+            dk.index_add_(2, at, buf[0].to(wide))
+            dv.index_add_(2, at, buf[1].to(wide))
+        return dk.to(dtype), dv.to(dtype), None, None
+
+
+# Device copies of an exchange's index tensors, per exchange (kept while it is cached).
+_DEVICE_INDICES: dict[int, dict] = {}
+
+
+def _device_indices(ex: KVExchange) -> dict:
+    memo = _DEVICE_INDICES.get(id(ex))
+    if memo is None or memo.get("owner") is not ex:
+        if len(_DEVICE_INDICES) > 4 * _CACHE_LIMIT:
+            _DEVICE_INDICES.clear()
+        memo = _DEVICE_INDICES[id(ex)] = {"owner": ex}
+    return memo
+
+
+def _exchange(
+    group: dist.ProcessGroup,
+    sends: list[tuple[int, Tensor]],
+    recvs: list[tuple[int, Tensor]],
+    what: str,
+) -> None:
+    """Post every send and receive (peers as ranks of ``group``) in one launch and wait."""
+    if not sends and not recvs:
+        return
+    ops = [dist.P2POp(dist.isend, t, dist.get_global_rank(group, p), group) for p, t in sends]
+    ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, p), group) for p, t in recvs]
+    peers = sorted({p for p, _ in sends} | {p for p, _ in recvs})
+    comm.PendingShift(dist.batch_isend_irecv(ops), what, f"rank(s) {peers} of the group").wait()
+
+
+def fetch_kv(
+    k: Tensor, v: Tensor, ex: KVExchange, group: dist.ProcessGroup
+) -> tuple[Tensor, Tensor]:
+    """This rank's keys and values together with the fetched ones, in position order
+    (``ex.positions``); differentiable (the backward returns the fetched keys' gradients)."""
+    return _FetchKV.apply(k, v, ex, group)
