@@ -23,8 +23,10 @@ lse = -inf, which the merge treats as adding nothing.
 
 from __future__ import annotations
 
+import dis
 import functools
 import math
+import types
 from typing import Any
 
 import torch
@@ -104,13 +106,50 @@ def _mask5(mask: Tensor, kv_heads: int, groups: int) -> Tensor:
     return mask.unflatten(1, (kv_heads, groups))
 
 
-def build_block_mask(pair: PairMask, device: torch.device) -> Any:
-    """FlexAttention's BlockMask for ``pair``, on ``device``, from its tile facts."""
-    from torch.nn.attention.flex_attention import BlockMask
+def _reads_argument(fn: Any, index: int) -> bool:
+    """Whether ``fn`` may read its ``index``-th positional argument: False only for a plain
+    function whose code never loads it (then its result cannot depend on it)."""
+    code = getattr(fn, "__code__", None)
+    if not isinstance(fn, types.FunctionType) or code is None or index >= code.co_argcount:
+        return True
+    name = code.co_varnames[index]
+    if name in code.co_cellvars:  # captured by an inner function
+        return True
+    for ins in dis.get_instructions(fn):
+        if ins.opname.startswith(("LOAD_FAST", "LOAD_DEREF", "LOAD_CLOSURE", "DELETE_FAST")):
+            value = ins.argval
+            if value == name or (isinstance(value, tuple) and name in value):
+                return True
+    return False
 
+
+def build_block_mask(pair: PairMask, device: torch.device, batch: int = 1, heads: int = 1) -> Any:
+    """FlexAttention's BlockMask for ``pair``, on ``device``.
+
+    Without a mask function, from the pair's tile facts (no mask is evaluated). With one,
+    the combined mask is evaluated on the device by FlexAttention's ``create_block_mask``, so
+    that tiles the function empties are skipped and tiles it leaves whole run unmasked; over
+    ``batch`` rows and ``heads`` heads only where the function (or per-row documents) can
+    depend on them.
+    """
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+    mask_mod = _pair_mask_mod(pair, device)
+    user = pair.spec.mask_mod
+    if user is not None:
+        rows = batch if pair.klo.size(0) > 1 or _reads_argument(user, 0) else 1
+        per_head = heads if _reads_argument(user, 1) else 1
+        return create_block_mask(
+            mask_mod,
+            rows,
+            per_head,
+            pair.qpos.numel(),
+            pair.kpos.numel(),
+            device=device,
+            BLOCK_SIZE=_TILE,
+            _compile=device.type == "cuda",
+        )
     touched, full = pair.tile_facts(_TILE)
-    if pair.spec.mask_mod is not None:
-        full = torch.zeros_like(full)
     partial = touched & ~full
 
     def blocks(bits: Tensor) -> tuple[Tensor, Tensor]:
@@ -120,6 +159,20 @@ def build_block_mask(pair: PairMask, device: torch.device) -> Any:
 
     kv_num, kv_idx = blocks(partial)
     full_num, full_idx = blocks(full)
+    return BlockMask.from_kv_blocks(
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=_TILE,
+        mask_mod=mask_mod,
+        seq_lengths=(pair.qpos.numel(), pair.kpos.numel()),
+    )
+
+
+def _pair_mask_mod(pair: PairMask, device: torch.device) -> Any:
+    """The pair's mask as a FlexAttention mask function over local indices: the key ranges,
+    and the user's function on global positions."""
     rows = pair.klo.size(0)
     klo, khi = pair.klo.to(device), pair.khi.to(device)
     qpos, kpos = pair.qpos.to(device), pair.kpos.to(device)
@@ -144,15 +197,7 @@ def build_block_mask(pair: PairMask, device: torch.device) -> Any:
         def mask_mod(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
             return ranges(b, qi, ki) & user(b, h + offset, qpos[qi], kpos[ki])
 
-    return BlockMask.from_kv_blocks(
-        kv_num,
-        kv_idx,
-        full_num,
-        full_idx,
-        BLOCK_SIZE=_TILE,
-        mask_mod=mask_mod,
-        seq_lengths=(pair.qpos.numel(), pair.kpos.numel()),
-    )
+    return mask_mod
 
 
 class MaskedBlock:
@@ -177,16 +222,17 @@ class MaskedBlock:
             mask = self._state[key] = self.pair.dense(q.size(0), heads, q.device)
         return mask
 
-    def block_mask(self, device: torch.device) -> Any:
-        key = ("flex", device)
+    def block_mask(self, q: Tensor) -> Any:
+        """The BlockMask for queries like ``q`` (built once per device, batch and heads)."""
+        key = ("flex", q.device, q.size(0), q.size(1))
         bm = self._state.get(key)
         if bm is None:
-            bm = self._state[key] = build_block_mask(self.pair, device)
+            bm = self._state[key] = build_block_mask(self.pair, q.device, q.size(0), q.size(1))
         return bm
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, Any]:
         if self.kernel == "flex":
-            out, lse = _flex(q, k, v, self.block_mask(q.device), scale)
+            out, lse = _flex(q, k, v, self.block_mask(q), scale)
             return out, lse, None
         groups = q.size(1) // k.size(1)
         mask = _mask5(self._dense(q), k.size(1), groups)
@@ -200,7 +246,7 @@ class MaskedBlock:
         forward and backward."""
         if self.kernel == "flex":
             fn = _compiled_flex() if q.device.type == "cuda" else _eager_flex()
-            return fn(q, k, v, block_mask=self.block_mask(q.device), scale=scale, enable_gqa=True)
+            return fn(q, k, v, block_mask=self.block_mask(q), scale=scale, enable_gqa=True)
         return _PairAttention.apply(q, k, v, self, scale)
 
     def backward(
@@ -215,7 +261,7 @@ class MaskedBlock:
         scale: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
         if self.kernel == "flex":
-            return _flex_backward(dout, q, k, v, out, lse, self.block_mask(q.device), scale)
+            return _flex_backward(dout, q, k, v, out, lse, self.block_mask(q), scale)
         groups = q.size(1) // k.size(1)
         mask = _mask5(self._dense(q), k.size(1), groups)
         return _math_backward(dout, q, k, v, out, lse, aux, False, scale, mask=mask)
