@@ -75,9 +75,7 @@ def run_script(
             got = prefill(*mine, cache, backend=backend, method=method)
             want = shard_for_rank(want, rank, world, dim=2, layout="zigzag")
         else:
-            got = decode(
-                *piece, cache, backend=backend, static=static, decode_kernel=decode_kernel
-            )
+            got = decode(*piece, cache, backend=backend, static=static, decode_kernel=decode_kernel)
             everyone = [torch.empty_like(got) for _ in range(world)]
             dist.all_gather(everyone, got.contiguous())
             assert all(torch.equal(e, got) for e in everyone), "decode differs across ranks"
