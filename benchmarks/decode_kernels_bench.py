@@ -28,8 +28,13 @@ HEADS, KV_HEADS, DIM = 32, 8, 128
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--cases", default="64K:64K,64K:256K,512K:512K", help="used:capacity pairs")
-    p.add_argument("--kernels", default="flex,flash,flash@16,flash@64,chunked")
+    p.add_argument("--cases", default="64K:64K,512K:512K", help="used:capacity pairs")
+    p.add_argument(
+        "--kernels",
+        default="flex,flex@num_stages=3,flex@num_stages=3/num_warps=4,"
+        "flex@SPLIT_KV=64/num_stages=3,flash",
+        help="kernels; flex@K=V/K=V passes FlexAttention kernel options",
+    )
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--json", default=None)
     p.add_argument("--report", default=None)
@@ -39,6 +44,12 @@ def parse_args() -> argparse.Namespace:
 def size(text: str) -> int:
     text = text.strip().upper()
     return int(float(text.rstrip("KM")) * {"K": 1024, "M": 1024**2}.get(text[-1], 1))
+
+
+def flex_options(text: str) -> dict | None:
+    """``"num_stages=3/num_warps=4"`` -> ``{"num_stages": 3, "num_warps": 4}``."""
+    pairs = [item.split("=") for item in text.split("/") if item]
+    return {k: int(v) if v.lstrip("-").isdigit() else v for k, v in pairs} or None
 
 
 def time_eager(fn, iters: int) -> float:
@@ -98,9 +109,9 @@ def measure(used: int, capacity: int, kernels: list[str], iters: int) -> dict:
     }
     print(used, capacity, "sdpa", row["sdpa_used"], flush=True)
     for name in kernels:
-        # "flash@N": the flash kernel with N key splits (where the op takes num_splits).
-        kernel, _, splits = name.partition("@")
-        decode_kernels._FLASH_SPLITS = int(splits) if splits else None
+        # "flex@num_stages=3/num_warps=4": FlexAttention with those kernel options.
+        kernel, _, options = name.partition("@")
+        decode_kernels.FLEX_OPTIONS = flex_options(options) if kernel == "flex" else None
 
         def run(kernel: str = kernel) -> torch.Tensor:
             return decode_kernels.cache_attention(q, k, v, length, scale, kernel)[0]
@@ -115,7 +126,7 @@ def measure(used: int, capacity: int, kernels: list[str], iters: int) -> dict:
             }
         except Exception as err:  # noqa: BLE001 - recorded, the other kernels still run
             found = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
-        decode_kernels._FLASH_SPLITS = None
+        decode_kernels.FLEX_OPTIONS = None
         row["kernels"][name] = found
         print(used, capacity, name, found, flush=True)
     return row

@@ -27,8 +27,10 @@ Kernels (``cache_attention(..., kernel=NAME)``):
 
 ``"auto"`` takes, on CUDA with bf16/fp16, the first of :data:`AUTO_ORDER` that runs here
 (each is tried once outside a capture; a capture uses only kernels that already ran), and
-``"plain"`` elsewhere. Every kernel returns ``(out, lse)`` in the accumulation dtype
-(float32, float64 for float64), ``lse`` in natural log and ``-inf`` where no slot is used.
+``"plain"`` elsewhere; flash goes first where most of the capacity is used (it splits the
+capacity, not the used part). Every kernel returns ``(out, lse)``, ``lse`` in the
+accumulation dtype (float32, float64 for float64), natural log, ``-inf`` where no slot is
+used.
 """
 
 from __future__ import annotations
@@ -45,8 +47,14 @@ __all__ = ["AUTO_ORDER", "DECODE_KERNELS", "DecodeKernelName", "cache_attention"
 
 DecodeKernelName = Literal["auto", "flex", "flash", "chunked", "plain"]
 DECODE_KERNELS: tuple[str, ...] = ("auto", "flex", "flash", "chunked", "plain")
-# What "auto" tries on CUDA (bf16/fp16), fastest first on 2x H200 (benchmarks/results).
+# What "auto" tries on CUDA (bf16/fp16), in order, and the used share of the capacity from
+# which flash goes first: on an H200 (torch 2.11, one token, 32/8 heads x 128) flash costs
+# ~1.0 us per 1K slots of capacity, flex ~1.4 us per 1K used slots
+# (benchmarks/results/decode-kernels-h200.md).
 AUTO_ORDER: tuple[str, ...] = ("flex", "flash", "chunked")
+FLASH_FILL = 0.75
+# FlexAttention kernel options for the decode template (None: torch's defaults).
+FLEX_OPTIONS: dict | None = None
 
 # Slot block of the cache buffers (KVCache allocates whole blocks) and the largest chunk
 # the chunked kernel attends as one head.
@@ -63,14 +71,23 @@ def _fused_dtype(q: Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.size(3) % 8 == 0
 
 
-def resolve(kernel: str, q: Tensor) -> list[str]:
-    """The kernels to try for ``kernel`` on ``q``'s device and dtype, in order."""
+def resolve(kernel: str, q: Tensor, fill: float | None = None) -> list[str]:
+    """The kernels to try for ``kernel`` on ``q``'s device and dtype, in order.
+
+    ``fill``: the used share of the capacity, where known. flash spreads its key splits
+    over the whole capacity (its ``max_seqlen_k``), flex over the used blocks only, so
+    "auto" puts flash first only where the buffer is mostly used (``fill >= FLASH_FILL``).
+    """
     if kernel != "auto":
         return [kernel]
     if not _fused_dtype(q):
         return ["plain"]
     device = str(q.device)
-    return [name for name in AUTO_ORDER if _WORKS.get((name, device), True)] + ["plain"]
+    order = list(AUTO_ORDER)
+    if fill is not None and fill >= FLASH_FILL and "flash" in order:
+        order.remove("flash")
+        order.insert(0, "flash")
+    return [name for name in order if _WORKS.get((name, device), True)] + ["plain"]
 
 
 def cache_attention(
@@ -80,6 +97,8 @@ def cache_attention(
     length: Tensor,
     scale: float,
     kernel: str = "auto",
+    *,
+    fill: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of ``q`` ``[B, H, T, D]`` over the first ``length`` slots of the buffers.
 
@@ -90,12 +109,16 @@ def cache_attention(
         length: int64 tensor of one element on q's device: the used slots.
         scale: softmax scale.
         kernel: one of :data:`DECODE_KERNELS`.
+        fill: the used share of the capacity where the caller knows it (picks flash or
+            flex first for ``"auto"``).
 
     Returns:
-        ``(out [B, H, T, D], lse [B, H, T])`` in the accumulation dtype.
+        ``(out [B, H, T, D], lse [B, H, T])``: ``out`` in q's dtype or the accumulation
+        dtype (as the kernel gives it; a caller that packs it with ``lse`` promotes it in
+        the same copy), ``lse`` in the accumulation dtype.
     """
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    names = resolve(kernel, q)
+    names = resolve(kernel, q, fill)
     device = str(q.device)
     for i, name in enumerate(names):
         fn = _KERNELS[name]
@@ -145,6 +168,13 @@ def _unfold(x: Tensor, heads: int) -> Tensor:
 def _flex_compiled():
     from torch.nn.attention.flex_attention import flex_attention
 
+    # One compiled kernel per cache shape (capacity, new tokens) and option set: allow more
+    # than dynamo's default of 8 before it falls back to the dense eager implementation.
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 64))
+            break
     return torch.compile(flex_attention, dynamic=False, fullgraph=True)
 
 
@@ -211,6 +241,7 @@ def _flex(
         mask = _FLEX_MASKS[key] = _FlexMask(q.device, capacity, q.size(2))
     mask.update(length)
     fn = _flex_compiled() if q.is_cuda else _flex_eager()
+    options = {"kernel_options": dict(FLEX_OPTIONS)} if FLEX_OPTIONS and q.is_cuda else {}
     out, aux = fn(
         q,
         k_buf,
@@ -219,10 +250,10 @@ def _flex(
         scale=scale,
         enable_gqa=q.size(1) != k_buf.size(1),
         **_flex_lse_request(),
+        **options,
     )
     lse = aux.lse if hasattr(aux, "lse") else aux
-    dtype = accumulation_dtype(q.dtype)
-    return out.to(dtype), lse.to(dtype)
+    return out, lse.to(accumulation_dtype(q.dtype))
 
 
 @functools.cache
@@ -286,9 +317,8 @@ def _flash(
         qv, kv, vv, constants[0], constants[1], t, capacity, 0.0, False, False,
         scale=scale, seqused_k=used, **extra,
     )  # fmt: skip
-    dtype = accumulation_dtype(q.dtype)
-    out = out.view(t, b, h, d).permute(1, 2, 0, 3).to(dtype)
-    lse = lse.reshape(b, h, t).to(dtype)
+    out = out.view(t, b, h, d).permute(1, 2, 0, 3)
+    lse = lse.reshape(b, h, t).to(accumulation_dtype(q.dtype))
     # An empty row's lse is +inf in flash's unsplit path: make it "saw nothing".
     lse = lse.nan_to_num(posinf=float("-inf"))
     return out, lse

@@ -1125,13 +1125,17 @@ def _decode_static(
         cache.k.index_copy_(2, counters[:1], k)
         cache.v.index_copy_(2, counters[:1], v)
         after = counters + torch.index_select(cache._steps(), 0, counters[1:] % world).view(2)
-        out, lse = cache_attention(q, cache.k, cache.v, after[:1], scale, decode_kernel)
+        fill = (cache.length + 1) / cache.capacity
+        out, lse = cache_attention(q, cache.k, cache.v, after[:1], scale, decode_kernel, fill=fill)
         result = _gather_and_merge_parts(out, lse, cache, q.dtype)
         if store:
             counters.copy_(after)
     else:
-        out, lse = cache_attention(q, cache.k, cache.v, counters[:1], scale, decode_kernel)
-        part = torch.cat([out, lse.unsqueeze(-1)], dim=-1)
+        fill = cache.length / cache.capacity
+        out, lse = cache_attention(
+            q, cache.k, cache.v, counters[:1], scale, decode_kernel, fill=fill
+        )
+        part = torch.cat([out.to(lse.dtype), lse.unsqueeze(-1)], dim=-1)
         result = _gather_and_merge(q, k, v, part, cache, scale, kernel)
         if store:
             length, total = counters[0], counters[1]
@@ -1160,6 +1164,7 @@ def _gather_and_merge_parts(out: Tensor, lse: Tensor, cache: KVCache, dtype: tor
     d = out.size(-1)
     if cache.world == 1:
         return out.to(dtype)
+    # One copy packs both and promotes out to lse's dtype.
     part = torch.cat([out, lse.unsqueeze(-1)], dim=-1)
     gathered = part.new_empty((cache.world, *part.shape))
     try:
@@ -1169,10 +1174,9 @@ def _gather_and_merge_parts(out: Tensor, lse: Tensor, cache: KVCache, dtype: tor
             f"decode: the all-gather of partial outputs failed or timed out. "
             f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
         ) from err
-    lses = gathered[..., d]
-    weights = torch.exp(lses - lses.amax(dim=0))
-    merged = (gathered[..., :d] * weights.unsqueeze(-1)).sum(dim=0)
-    return (merged / weights.sum(dim=0).unsqueeze(-1)).to(dtype)
+    # Each rank's weight is exp(lse_r - lse_total): a softmax over the ranks (one kernel).
+    weights = torch.softmax(gathered[..., d], dim=0)
+    return (gathered[..., :d] * weights.unsqueeze(-1)).sum(dim=0).to(dtype)
 
 
 class DecodeGraph:
