@@ -179,6 +179,8 @@ def errors(rank: int, world: int) -> dict:
     odd = [x[:, :, :3] for x in shard]
     found["odd_prefill"] = caught(lambda: prefill(*odd, cache))
     found["bad_check"] = caught(lambda: decode(*step, cache, check="sometimes"))  # type: ignore[arg-type]
+    found["bad_kernel"] = caught(lambda: decode(*step, cache, decode_kernel="fast"))  # type: ignore[arg-type]
+    found["flash_on_cpu"] = caught(lambda: decode(*step, cache, decode_kernel="flash"))
     found["state"] = (cache.length, cache.total)
     # Still usable, and correct, after all of that.
     out = decode(*step, cache)

@@ -64,6 +64,8 @@ def _check_errors(results: list[dict], world: int) -> None:
         "bad_method": ("ValueError", "method must be one of"),
         "odd_prefill": ("ValueError", "q.shape[2] must be even"),
         "bad_check": ("ValueError", "check must be one of"),
+        "bad_kernel": ("ValueError", "decode_kernel must be one of"),
+        "flash_on_cpu": ("ValueError", "decode_kernel='flash' runs on CUDA bf16/fp16 inputs"),
     }
     for rank, found in enumerate(results):
         errors = found["errors"]

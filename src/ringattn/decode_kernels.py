@@ -27,10 +27,10 @@ Kernels (``cache_attention(..., kernel=NAME)``):
 
 ``"auto"`` takes, on CUDA with bf16/fp16, the first of :data:`AUTO_ORDER` that runs here
 (each is tried once outside a capture; a capture uses only kernels that already ran), and
-``"plain"`` elsewhere; flash goes first where most of the capacity is used (it splits the
-capacity, not the used part). Every kernel returns ``(out, lse)``, ``lse`` in the
-accumulation dtype (float32, float64 for float64), natural log, ``-inf`` where no slot is
-used.
+``"plain"`` elsewhere; for an eager call on a mostly used buffer flash goes first (less
+host time; it splits the capacity, not the used part). Every kernel returns
+``(out, lse)``, ``lse`` in the accumulation dtype (float32, float64 for float64), natural
+log, ``-inf`` where no slot is used.
 """
 
 from __future__ import annotations
@@ -47,14 +47,18 @@ __all__ = ["AUTO_ORDER", "DECODE_KERNELS", "DecodeKernelName", "cache_attention"
 
 DecodeKernelName = Literal["auto", "flex", "flash", "chunked", "plain"]
 DECODE_KERNELS: tuple[str, ...] = ("auto", "flex", "flash", "chunked", "plain")
-# What "auto" tries on CUDA (bf16/fp16), in order, and the used share of the capacity from
-# which flash goes first: on an H200 (torch 2.11, one token, 32/8 heads x 128) flash costs
-# ~1.0 us per 1K slots of capacity, flex ~1.4 us per 1K used slots
-# (benchmarks/results/decode-kernels-h200.md).
+# What "auto" tries on CUDA (bf16/fp16), in order. Measured on an H200 (torch 2.11, one
+# token, 32/8 heads x 128, benchmarks/results/decode-h200x2.md): in a CUDA graph flex
+# takes 75 us over 64K used slots and 0.49 ms over 512K (SDPA over exactly those slots:
+# 68 us, 0.48 ms), flash 84 us and 0.58 ms with the capacity fully used and 0.25 ms over
+# 64K used of 256K (it splits the capacity); eagerly flash costs less host time (flex's
+# compiled call adds 0.3-0.4 ms). So eager calls that know the used share (``fill``) put flash
+# first from FLASH_FILL on; captured and static steps take flex.
 AUTO_ORDER: tuple[str, ...] = ("flex", "flash", "chunked")
 FLASH_FILL = 0.75
-# FlexAttention kernel options for the decode template (None: torch's defaults).
-FLEX_OPTIONS: dict | None = None
+# FlexAttention kernel options for the decode template. torch 2.11 picks one pipeline
+# stage on Hopper for it; three stream K/V at ~4.4 TB/s instead of ~2.9 (same tables).
+FLEX_OPTIONS: dict | None = {"num_stages": 3}
 
 # Slot block of the cache buffers (KVCache allocates whole blocks) and the largest chunk
 # the chunked kernel attends as one head.
@@ -74,9 +78,10 @@ def _fused_dtype(q: Tensor) -> bool:
 def resolve(kernel: str, q: Tensor, fill: float | None = None) -> list[str]:
     """The kernels to try for ``kernel`` on ``q``'s device and dtype, in order.
 
-    ``fill``: the used share of the capacity, where known. flash spreads its key splits
-    over the whole capacity (its ``max_seqlen_k``), flex over the used blocks only, so
-    "auto" puts flash first only where the buffer is mostly used (``fill >= FLASH_FILL``).
+    ``fill``: the used share of the capacity, given by eager callers only. flash spreads
+    its key splits over the whole capacity (its ``max_seqlen_k``), flex over the used
+    blocks only; flash costs less host time, so "auto" puts it first for an eager call on
+    a mostly used buffer (``fill >= FLASH_FILL``), flex first otherwise.
     """
     if kernel != "auto":
         return [kernel]
@@ -109,8 +114,8 @@ def cache_attention(
         length: int64 tensor of one element on q's device: the used slots.
         scale: softmax scale.
         kernel: one of :data:`DECODE_KERNELS`.
-        fill: the used share of the capacity where the caller knows it (picks flash or
-            flex first for ``"auto"``).
+        fill: the used share of the capacity, for an eager call (None for a step that is
+            captured or made to be): see :func:`resolve`.
 
     Returns:
         ``(out [B, H, T, D], lse [B, H, T])``: ``out`` in q's dtype or the accumulation

@@ -1018,7 +1018,15 @@ def decode(
     with torch.no_grad():
         if device_length:
             return _decode_static(
-                qt, kt, vt, kv_cache, scale_value, kernels[1], decode_kernel, store=True
+                qt,
+                kt,
+                vt,
+                kv_cache,
+                scale_value,
+                kernels[1],
+                decode_kernel,
+                store=True,
+                graph=static_run,
             )
         return _decode_eager(qt, kt, vt, kv_cache, scale_value, kernels)
 
@@ -1109,10 +1117,12 @@ def _decode_static(
     decode_kernel: str,
     *,
     store: bool,
+    graph: bool,
 ) -> Tensor:
     """The device-length decode: device-side lengths and indices, static shapes, no host
     sync (graph-capturable). ``store=False`` leaves the cache's contents and counters as
-    they were (it may write the new K/V into unused slots)."""
+    they were (it may write the new K/V into unused slots). ``graph``: the step is (or is
+    made to be) captured, which picks the kernel for replay rather than host time."""
     cache._sync_device_counters()  # no-op while capturing (checked fresh before)
     assert cache.k is not None and cache.v is not None and cache._counters is not None
     b, h, t, d = q.shape
@@ -1125,13 +1135,13 @@ def _decode_static(
         cache.k.index_copy_(2, counters[:1], k)
         cache.v.index_copy_(2, counters[:1], v)
         after = counters + torch.index_select(cache._steps(), 0, counters[1:] % world).view(2)
-        fill = (cache.length + 1) / cache.capacity
+        fill = None if graph else (cache.length + 1) / cache.capacity
         out, lse = cache_attention(q, cache.k, cache.v, after[:1], scale, decode_kernel, fill=fill)
         result = _gather_and_merge_parts(out, lse, cache, q.dtype)
         if store:
             counters.copy_(after)
     else:
-        fill = cache.length / cache.capacity
+        fill = None if graph else cache.length / cache.capacity
         out, lse = cache_attention(
             q, cache.k, cache.v, counters[:1], scale, decode_kernel, fill=fill
         )
@@ -1221,7 +1231,15 @@ class DecodeGraph:
         with torch.cuda.stream(stream), torch.no_grad():
             for _ in range(2):
                 _decode_static(
-                    self.q, self.k, self.v, cache, scale_value, kernel, decode_kernel, store=False
+                    self.q,
+                    self.k,
+                    self.v,
+                    cache,
+                    scale_value,
+                    kernel,
+                    decode_kernel,
+                    store=False,
+                    graph=True,
                 )
         torch.cuda.current_stream().wait_stream(stream)
         saved = (cache.length, cache.total, list(cache.segments))
