@@ -56,6 +56,11 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--sections", default="correctness,prefill,second_turn,decode")
     p.add_argument(
+        "--one-gpu-kernel",
+        default="flash",
+        help="the split-K kernel of the one-GPU CUDA-graph decode row",
+    )
+    p.add_argument(
         "--flex-options",
         default="",
         help="FlexAttention kernel options for the flex decode kernel, K=V/K=V",
@@ -293,7 +298,9 @@ def second_turn_section(b: Bench, cached: list[int], shares: list[float], iters:
     return rows
 
 
-def decode_section(b: Bench, contexts: list[int], steps: int, kernels: list[str]) -> list[dict]:
+def decode_section(
+    b: Bench, contexts: list[int], steps: int, kernels: list[str], one_gpu_kernel: str
+) -> list[dict]:
     rows = []
     for s in contexts:
         torch.manual_seed(4)
@@ -335,8 +342,8 @@ def decode_section(b: Bench, contexts: list[int], steps: int, kernels: list[str]
         # One GPU: SDPA over the whole cache (allocation included once per loop: ~free).
         ms = b.one_gpu(single, 3)
         row["one_gpu_ms"] = ms / steps if ms else None
-        if b.cuda:  # the default kernel choice, on one GPU's whole cache
-            ms = b.one_gpu(one_gpu_graph(b, s, new, "auto"), 3)
+        if b.cuda:  # a rank's step on one GPU's whole cache
+            ms = b.one_gpu(one_gpu_graph(b, s, new, one_gpu_kernel), 3)
             row["one_gpu_graph_ms"] = ms / steps if ms else None
         rows.append(row)
         if b.rank == 0:
@@ -385,8 +392,7 @@ def one_gpu_graph(b: Bench, s: int, new: list, kernel: str):
             kc.index_copy_(2, counters, inputs[1])
             vc.index_copy_(2, counters, inputs[2])
             counters.add_(1)
-            fill = (s + 1) / slots
-            out = cache_attention(inputs[0], kc, vc, counters, DIM**-0.5, kernel, fill=fill)[0]
+            out = cache_attention(inputs[0], kc, vc, counters, DIM**-0.5, kernel)[0]
             return out.to(b.dtype)
 
         stream = torch.cuda.Stream()
@@ -463,8 +469,9 @@ def report(data: dict) -> str:
         out += ["## Decode, ms per token (one attention layer, T = 1)", "",
                 "Eager `decode` (default kernel) with each cross-rank check; then each split-K "
                 "kernel eager (check none) and replayed from a CUDA graph (DecodeGraph). One "
-                "GPU: SDPA over its whole cache (eager), and a rank's step (store, default "
-                "kernel) over the whole cache in a CUDA graph.", ""]  # fmt: skip
+                "GPU: SDPA over its whole cache (eager), and a rank's step (store, then the "
+                f"{data.get('one_gpu_graph_kernel', 'flash')} kernel) over the whole cache in "
+                "a CUDA graph.", ""]  # fmt: skip
         head = ["context", "one GPU SDPA", "one GPU graph", "eager none", "eager shapes",
                 "eager inputs"]  # fmt: skip
         for kernel in kernels:
@@ -522,7 +529,10 @@ def main() -> None:
         shares = [float(x) for x in args.shares.split(",")]
         data["second_turn"] = second_turn_section(b, tokens(args.cached), shares, args.iters)
     if "decode" in sections:
-        data["decode"] = decode_section(b, tokens(args.decode), args.decode_steps, kernels)
+        data["decode"] = decode_section(
+            b, tokens(args.decode), args.decode_steps, kernels, args.one_gpu_kernel
+        )
+        data["one_gpu_graph_kernel"] = args.one_gpu_kernel
     data["decode_kernels"] = kernels
     if b.rank == 0:
         print(report(data), flush=True)

@@ -27,8 +27,8 @@ Kernels (``cache_attention(..., kernel=NAME)``):
 
 ``"auto"`` takes, on CUDA with bf16/fp16, the first of :data:`AUTO_ORDER` that runs here
 (each is tried once outside a capture; a capture uses only kernels that already ran), and
-``"plain"`` elsewhere; for an eager call on a mostly used buffer flash goes first (less
-host time; it splits the capacity, not the used part). Every kernel returns
+``"plain"`` elsewhere; for an eager call flash goes first (less host time, though it splits
+the capacity, not the used part). Every kernel returns
 ``(out, lse)``, ``lse`` in the accumulation dtype (float32, float64 for float64), natural
 log, ``-inf`` where no slot is used.
 """
@@ -47,15 +47,15 @@ __all__ = ["AUTO_ORDER", "DECODE_KERNELS", "DecodeKernelName", "cache_attention"
 
 DecodeKernelName = Literal["auto", "flex", "flash", "chunked", "plain"]
 DECODE_KERNELS: tuple[str, ...] = ("auto", "flex", "flash", "chunked", "plain")
-# What "auto" tries on CUDA (bf16/fp16), in order. Measured on an H200 (torch 2.11, one
-# token, 32/8 heads x 128, benchmarks/results/decode-h200x2.md): in a CUDA graph flex
-# takes 75 us over 64K used slots and 0.49 ms over 512K (SDPA over exactly those slots:
-# 68 us, 0.48 ms), flash 84 us and 0.58 ms with the capacity fully used and 0.25 ms over
-# 64K used of 256K (it splits the capacity); eagerly flash costs less host time (flex's
-# compiled call adds 0.3-0.4 ms). So eager calls that know the used share (``fill``) put flash
-# first from FLASH_FILL on; captured and static steps take flex.
+# What "auto" tries on CUDA (bf16/fp16), in order, for a step that is captured (or made to
+# be) and for an eager call. Measured on an H200 (torch 2.11, one token, 32/8 heads x 128,
+# benchmarks/results/decode-h200x2.md): in a CUDA graph flex takes 75 us over 64K used
+# slots and 0.49 ms over 512K (SDPA over exactly those slots: 68 us, 0.48 ms), flash 84 us
+# and 0.58 ms with the buffer fully used, 0.25 ms over 64K used of 256K (it splits the
+# capacity); called eagerly, flex's compiled call costs 0.3-0.4 ms more host time per step,
+# more than flash loses on a buffer up to a few hundred K slots larger than its used part.
 AUTO_ORDER: tuple[str, ...] = ("flex", "flash", "chunked")
-FLASH_FILL = 0.75
+AUTO_ORDER_EAGER: tuple[str, ...] = ("flash", "flex", "chunked")
 # FlexAttention kernel options for the decode template. torch 2.11 picks one pipeline
 # stage on Hopper for it; three stream K/V at ~4.4 TB/s instead of ~2.9 (same tables).
 FLEX_OPTIONS: dict | None = {"num_stages": 3}
@@ -75,23 +75,15 @@ def _fused_dtype(q: Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.size(3) % 8 == 0
 
 
-def resolve(kernel: str, q: Tensor, fill: float | None = None) -> list[str]:
-    """The kernels to try for ``kernel`` on ``q``'s device and dtype, in order.
-
-    ``fill``: the used share of the capacity, given by eager callers only. flash spreads
-    its key splits over the whole capacity (its ``max_seqlen_k``), flex over the used
-    blocks only; flash costs less host time, so "auto" puts it first for an eager call on
-    a mostly used buffer (``fill >= FLASH_FILL``), flex first otherwise.
-    """
+def resolve(kernel: str, q: Tensor, eager: bool = False) -> list[str]:
+    """The kernels to try for ``kernel`` on ``q``'s device and dtype, in order
+    (:data:`AUTO_ORDER_EAGER` for an ``eager`` call, :data:`AUTO_ORDER` otherwise)."""
     if kernel != "auto":
         return [kernel]
     if not _fused_dtype(q):
         return ["plain"]
     device = str(q.device)
-    order = list(AUTO_ORDER)
-    if fill is not None and fill >= FLASH_FILL and "flash" in order:
-        order.remove("flash")
-        order.insert(0, "flash")
+    order = AUTO_ORDER_EAGER if eager else AUTO_ORDER
     return [name for name in order if _WORKS.get((name, device), True)] + ["plain"]
 
 
@@ -103,7 +95,7 @@ def cache_attention(
     scale: float,
     kernel: str = "auto",
     *,
-    fill: float | None = None,
+    eager: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Attention of ``q`` ``[B, H, T, D]`` over the first ``length`` slots of the buffers.
 
@@ -114,8 +106,8 @@ def cache_attention(
         length: int64 tensor of one element on q's device: the used slots.
         scale: softmax scale.
         kernel: one of :data:`DECODE_KERNELS`.
-        fill: the used share of the capacity, for an eager call (None for a step that is
-            captured or made to be): see :func:`resolve`.
+        eager: the call is not captured nor made to be (``"auto"`` then favours host
+            time: see :data:`AUTO_ORDER_EAGER`).
 
     Returns:
         ``(out [B, H, T, D], lse [B, H, T])``: ``out`` in q's dtype or the accumulation
@@ -123,7 +115,7 @@ def cache_attention(
         the same copy), ``lse`` in the accumulation dtype.
     """
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    names = resolve(kernel, q, fill)
+    names = resolve(kernel, q, eager)
     device = str(q.device)
     for i, name in enumerate(names):
         fn = _KERNELS[name]

@@ -42,9 +42,12 @@ them, plus the new tokens' causal attention among themselves, into the same outp
 each rank stores the new tokens the placement rule gives it.
 
 **CUDA graphs.** With ``static=True`` (automatic while a CUDA graph is being captured),
-decode reads the cache's lengths from device tensors, attends over the whole preallocated
-capacity with the unused slots masked, and writes the new K/V with device-side indices:
-no host synchronisation, no shape that depends on the cache length. :class:`DecodeGraph`
+decode reads the cache's lengths from device tensors, writes the new K/V with device-side
+indices, and attends the used slots with a split-K kernel that takes the length on the
+device (:mod:`ringattn.decode_kernels`): no host synchronisation, no shape that depends on
+the cache length. Eager decode on CUDA takes the same path. A one-token step stores the
+token first, so the owner's shard already holds it and the shards' partial results merge
+alone. :class:`DecodeGraph`
 captures one decode step and replays it, keeping the cache's host-side counters in step.
 A captured step stays valid while the cache's buffers are not reallocated (reserve the
 capacity up front with ``KVCache(capacity=...)``).
@@ -933,10 +936,11 @@ def decode(
         group: if given, the group the caller expects; the cache must have been made for it.
         decode_kernel: the split-K kernel that attends the new tokens to the used part of
             the cache on the device-length path (:mod:`ringattn.decode_kernels`):
-            ``"auto"`` (default), ``"flex"``, ``"flash"``, ``"chunked"`` or ``"plain"``.
-            That path runs for ``static=True`` and while capturing, and for eager decode
-            on CUDA (bf16/fp16, ``backend="auto"``) when the kernel is not ``"plain"``;
-            elsewhere eager decode slices the cache on the host and runs ``backend``.
+            ``"auto"`` (default: flex for static and captured steps, flash first for eager
+            ones), ``"flex"``, ``"flash"``, ``"chunked"`` or ``"plain"``. That path runs
+            for ``static=True`` and while capturing, and for eager decode on CUDA
+            (bf16/fp16, ``backend="auto"``) when the kernel is not ``"plain"``; elsewhere
+            eager decode slices the cache on the host and runs ``backend``.
 
     Returns:
         ``[B, H, T, D]`` in q's dtype, identical on every rank.
@@ -1135,15 +1139,15 @@ def _decode_static(
         cache.k.index_copy_(2, counters[:1], k)
         cache.v.index_copy_(2, counters[:1], v)
         after = counters + torch.index_select(cache._steps(), 0, counters[1:] % world).view(2)
-        fill = None if graph else (cache.length + 1) / cache.capacity
-        out, lse = cache_attention(q, cache.k, cache.v, after[:1], scale, decode_kernel, fill=fill)
+        out, lse = cache_attention(
+            q, cache.k, cache.v, after[:1], scale, decode_kernel, eager=not graph
+        )
         result = _gather_and_merge_parts(out, lse, cache, q.dtype)
         if store:
             counters.copy_(after)
     else:
-        fill = None if graph else cache.length / cache.capacity
         out, lse = cache_attention(
-            q, cache.k, cache.v, counters[:1], scale, decode_kernel, fill=fill
+            q, cache.k, cache.v, counters[:1], scale, decode_kernel, eager=not graph
         )
         part = torch.cat([out.to(lse.dtype), lse.unsqueeze(-1)], dim=-1)
         result = _gather_and_merge(q, k, v, part, cache, scale, kernel)
