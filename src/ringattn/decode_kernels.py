@@ -43,7 +43,15 @@ from torch import Tensor
 
 from .kernels import accumulation_dtype
 
-__all__ = ["AUTO_ORDER", "DECODE_KERNELS", "DecodeKernelName", "cache_attention", "resolve"]
+__all__ = [
+    "AUTO_ORDER",
+    "AUTO_ORDER_EAGER",
+    "DECODE_KERNELS",
+    "FLEX_OPTIONS",
+    "DecodeKernelName",
+    "cache_attention",
+    "resolve",
+]
 
 DecodeKernelName = Literal["auto", "flex", "flash", "chunked", "plain"]
 DECODE_KERNELS: tuple[str, ...] = ("auto", "flex", "flash", "chunked", "plain")
