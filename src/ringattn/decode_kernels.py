@@ -280,13 +280,6 @@ def _flex_eager():
 
 
 _FLASH_CONSTANTS: dict[tuple[str, int, int], tuple[Tensor, Tensor]] = {}
-# Key splits for the flash kernel where the op takes ``num_splits`` (None: its heuristic).
-_FLASH_SPLITS: int | None = None
-
-
-@functools.cache
-def _flash_takes_splits() -> bool:
-    return "num_splits" in str(torch.ops.aten._flash_attention_forward.default._schema)
 
 
 def _flash(
@@ -315,12 +308,9 @@ def _flash(
     if t > 1:
         qv = qv.contiguous()
     used = length.to(torch.int32)
-    extra = {}
-    if _FLASH_SPLITS is not None and _flash_takes_splits():
-        extra["num_splits"] = _FLASH_SPLITS
     out, lse, *_ = torch.ops.aten._flash_attention_forward(
         qv, kv, vv, constants[0], constants[1], t, capacity, 0.0, False, False,
-        scale=scale, seqused_k=used, **extra,
+        scale=scale, seqused_k=used,
     )  # fmt: skip
     out = out.view(t, b, h, d).permute(1, 2, 0, 3)
     lse = lse.reshape(b, h, t).to(accumulation_dtype(q.dtype))
