@@ -49,6 +49,22 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--shares", default="0.01,0.05,0.2", help="new tokens / cached tokens")
     p.add_argument("--decode", default="128K,1M", help="decode context lengths")
     p.add_argument("--decode-steps", type=int, default=64)
+    p.add_argument(
+        "--decode-kernels",
+        default="flex,flash,chunked",
+        help="split-K decode kernels to time (ringattn.decode_kernels)",
+    )
+    p.add_argument("--sections", default="correctness,prefill,second_turn,decode")
+    p.add_argument(
+        "--one-gpu-kernel",
+        default="flash",
+        help="the split-K kernel of the one-GPU CUDA-graph decode row",
+    )
+    p.add_argument(
+        "--flex-options",
+        default="",
+        help="FlexAttention kernel options for the flex decode kernel, K=V/K=V",
+    )
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--small", action="store_true", help="tiny sizes (a CPU smoke run)")
     p.add_argument("--json", default=None)
@@ -134,11 +150,11 @@ def errors(got: torch.Tensor, want: torch.Tensor) -> dict:
     return {"max": float(diff.abs().max()), "rms": float(diff.pow(2).mean().sqrt())}
 
 
-def correctness(b: Bench) -> dict:
+def correctness(b: Bench, kernels: list[str]) -> dict:
     """Small shapes against float64 attention; one-GPU SDPA's own error alongside."""
     torch.manual_seed(1)
     n = b.world
-    total = 2 * n * 128 + 3 + 2 * n * 32 + 4
+    total = 2 * n * 128 + 3 + 2 * n * 32 + 4 + (3 * len(kernels) if b.cuda else 0)
     q64, k64, v64 = (b.randn(1, h, total, DIM, dtype=torch.float64)
                      for h in (HEADS, KV_HEADS, KV_HEADS))  # fmt: skip
     q, k, v = (x.to(b.dtype) for x in (q64, k64, v64))
@@ -158,10 +174,12 @@ def correctness(b: Bench) -> dict:
         )
 
     for method in ("pass_kv", "pass_q"):
-        cache = ringattn.KVCache(capacity=512)
+        cache = ringattn.KVCache(capacity=512 + 64 * len(kernels))
         rows = []
         steps = [("prefill", 2 * n * 128), ("decode", 1), ("decode", 2), ("prefill", 2 * n * 32),
                  ("decode", 1), ("static", 1), ("static", 2)]  # fmt: skip
+        if b.cuda:  # every split-K kernel on the device-length path, one token and two
+            steps += [(f"static-{name}", t) for name in kernels for t in (1, 2)]
         start = 0
         for op, t in steps:
             end = start + t
@@ -174,7 +192,8 @@ def correctness(b: Bench) -> dict:
                 want = shard_for_rank(want, b.rank, n, dim=2, layout="zigzag")
                 base = shard_for_rank(base, b.rank, n, dim=2, layout="zigzag")
             else:
-                got = ringattn.decode(*piece, cache, static=op == "static")
+                kernel = op.partition("-")[2] or "auto"
+                got = ringattn.decode(*piece, cache, static=op != "decode", decode_kernel=kernel)
             rows.append({"call": op, "tokens": t, "ringattn": errors(got, want),
                          "one_gpu_sdpa": errors(base, want)})  # fmt: skip
             start = end
@@ -279,7 +298,9 @@ def second_turn_section(b: Bench, cached: list[int], shares: list[float], iters:
     return rows
 
 
-def decode_section(b: Bench, contexts: list[int], steps: int) -> list[dict]:
+def decode_section(
+    b: Bench, contexts: list[int], steps: int, kernels: list[str], one_gpu_kernel: str
+) -> list[dict]:
     rows = []
     for s in contexts:
         torch.manual_seed(4)
@@ -300,15 +321,14 @@ def decode_section(b: Bench, contexts: list[int], steps: int) -> list[dict]:
                 rewind(cache, state)
 
             row[f"eager_check_{check}_ms"] = b.time_ms(loop, 3) / steps
-        if b.cuda:
-            graph = DecodeGraph(cache, *new[0])
-
-            def replay() -> None:
-                for x in new:
-                    graph(*x)
+        for kernel in kernels if b.cuda else []:
+            try:
+                row.update(decode_kernel_times(b, cache, state, new, kernel))
+            except Exception as err:  # noqa: BLE001 - recorded; the other kernels still run
+                row[f"error_{kernel}"] = f"{type(err).__name__}: {str(err)[:300]}"
                 rewind(cache, state)
-
-            row["cuda_graph_ms"] = b.time_ms(replay, 3) / steps
+                if b.rank == 0:
+                    print("decode kernel", kernel, "failed:", row[f"error_{kernel}"], flush=True)
 
         def single() -> None:
             kc = torch.empty(1, KV_HEADS, s + steps, DIM, device=b.device, dtype=b.dtype)
@@ -322,58 +342,152 @@ def decode_section(b: Bench, contexts: list[int], steps: int) -> list[dict]:
         # One GPU: SDPA over the whole cache (allocation included once per loop: ~free).
         ms = b.one_gpu(single, 3)
         row["one_gpu_ms"] = ms / steps if ms else None
+        if b.cuda:  # a rank's step on one GPU's whole cache
+            ms = b.one_gpu(one_gpu_graph(b, s, new, one_gpu_kernel), 3)
+            row["one_gpu_graph_ms"] = ms / steps if ms else None
         rows.append(row)
         if b.rank == 0:
             print("decode", row, flush=True)
     return rows
 
 
+def decode_kernel_times(b: Bench, cache, state, new: list, kernel: str) -> dict:
+    """ms per token of one split-K kernel: eager decode (no check), and DecodeGraph."""
+    steps = len(new)
+
+    def eager() -> None:
+        for x in new:
+            ringattn.decode(*x, cache, check="none", decode_kernel=kernel)
+        rewind(cache, state)
+
+    found = {f"eager_{kernel}_ms": b.time_ms(eager, 3) / steps}
+    graph = DecodeGraph(cache, *new[0], decode_kernel=kernel)
+
+    def replay() -> None:
+        for x in new:
+            graph(*x)
+        rewind(cache, state)
+
+    found[f"graph_{kernel}_ms"] = b.time_ms(replay, 3) / steps
+    return found
+
+
+def one_gpu_graph(b: Bench, s: int, new: list, kernel: str):
+    """One GPU, the same step as a rank's (store the token, split-K over the used cache)
+    captured in a CUDA graph: what the kernel gives without sharding. The first call (the
+    timer's warm-up) builds the cache and captures; every call replays ``new``."""
+    from ringattn.decode_kernels import cache_attention
+
+    made: dict = {}
+
+    def setup() -> None:
+        slots = -(-(s + len(new) + 1) // 256) * 256  # whole slot blocks, as KVCache's
+        kc = torch.randn(1, KV_HEADS, slots, DIM, device=b.device, dtype=b.dtype)
+        vc = torch.randn_like(kc)
+        counters = torch.tensor([s], dtype=torch.int64, device=b.device)
+        inputs = [x.clone() for x in new[0]]
+
+        @torch.no_grad()
+        def step() -> torch.Tensor:
+            kc.index_copy_(2, counters, inputs[1])
+            vc.index_copy_(2, counters, inputs[2])
+            counters.add_(1)
+            out = cache_attention(inputs[0], kc, vc, counters, DIM**-0.5, kernel)[0]
+            return out.to(b.dtype)
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()
+            step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        made.update(graph=graph, counters=counters, inputs=inputs, keep=(kc, vc))
+
+    def run() -> None:
+        if not made:
+            setup()
+        made["counters"].fill_(s)
+        for x in new:
+            for dst, src in zip(made["inputs"], x):
+                dst.copy_(src)
+            made["graph"].replay()
+
+    return run
+
+
 def report(data: dict) -> str:
     out = [f"# Inference: {data['world']} x {data['device']}, bf16, 32/8 heads x 128, batch 1", ""]
-    out += ["## Correctness (max abs error against float64; one-GPU SDPA alongside)", ""]
-    out += ["| method | call | tokens | ringattn max | ringattn rms | SDPA max | SDPA rms |",
-            "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for method in ("pass_kv", "pass_q"):
-        for r in data["correctness"][method]:
-            out.append(f"| {method} | {r['call']} | {r['tokens']} | {r['ringattn']['max']:.2e} | "
-                       f"{r['ringattn']['rms']:.2e} | {r['one_gpu_sdpa']['max']:.2e} | "
-                       f"{r['one_gpu_sdpa']['rms']:.2e} |")  # fmt: skip
-    g = data["correctness"].get("cuda_graph_replay")
-    if g:
-        out += ["", f"CUDA-graph replay of decode: {g['steps']} steps, max error {g['max']:.2e}, "
-                    f"rms {g['rms']:.2e}."]  # fmt: skip
 
-    def ms(x: float | None) -> str:
-        return "OOM" if x is None else f"{x:.2f}"
+    def ms(x: float | None, digits: int = 2) -> str:
+        return "OOM" if x is None else f"{x:.{digits}f}"
 
-    out += ["", "## Prefill, first turn (forward of one attention layer)", "",
-            "| tokens | one GPU ms | ringattn ms | x one GPU | TFLOP/s per GPU |",
-            "|---|---|---|---|---|"]  # fmt: skip
-    for r in data["prefill"]:
-        sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
-        out.append(f"| {r['tokens'] // 1024}K | {ms(r['one_gpu_ms'])} | {r['ringattn_ms']:.2f} | "
-                   f"{sp} | {r['ringattn_tflops_per_gpu']:.0f} |")  # fmt: skip
-    out += ["", "## Second turn: T new tokens over P cached", "",
-            "| P | T | T/(T+P) | pass-KV ms | pass-Q ms | auto ms | one GPU ms | faster | "
-            "selector | predicted exposed KV / Q ms |",
-            "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in data["second_turn"]:
-        out.append(
-            f"| {r['cached'] // 1024}K | {r['new']} | {r['share']:.3f} | {r['pass_kv_ms']:.2f} | "
-            f"{r['pass_q_ms']:.2f} | {r['auto_ms']:.2f} | {ms(r['one_gpu_ms'])} | "
-            f"{r['measured_faster']} | {r['selector']} | {r['predicted_pass_kv_exposed_ms']:.3f}"
-            f" / {r['predicted_pass_q_exposed_ms']:.3f} |"
-        )
-    out += ["", "## Decode, ms per token (one attention layer, T = 1)", "",
-            "| context | one GPU | eager, check none | eager, shapes | eager, inputs "
-            "| CUDA graph |",
-            "|---|---|---|---|---|---|"]  # fmt: skip
-    for r in data["decode"]:
-        c = r["context"]
-        name = f"{c // 2**20}M" if c >= 2**20 else f"{c // 1024}K"
-        out.append(f"| {name} | {ms(r['one_gpu_ms'])} | {r['eager_check_none_ms']:.3f} | "
-                   f"{r['eager_check_shapes_ms']:.3f} | {r['eager_check_inputs_ms']:.3f} | "
-                   f"{ms(r['cuda_graph_ms']) if 'cuda_graph_ms' in r else '-'} |")  # fmt: skip
+    if "correctness" in data:
+        out += ["## Correctness (max abs error against float64; one-GPU SDPA alongside)", "",
+                "| method | call | tokens | ringattn max | ringattn rms | SDPA max | SDPA rms |",
+                "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for method in ("pass_kv", "pass_q"):
+            for r in data["correctness"][method]:
+                ring, one = r["ringattn"], r["one_gpu_sdpa"]
+                out.append(
+                    f"| {method} | {r['call']} | {r['tokens']} | {ring['max']:.2e} | "
+                    f"{ring['rms']:.2e} | {one['max']:.2e} | {one['rms']:.2e} |"
+                )
+        g = data["correctness"].get("cuda_graph_replay")
+        if g:
+            out += ["", f"CUDA-graph replay of decode: {g['steps']} steps, max error "
+                        f"{g['max']:.2e}, rms {g['rms']:.2e}."]  # fmt: skip
+        out.append("")
+    if "prefill" in data:
+        out += ["## Prefill, first turn (forward of one attention layer)", "",
+                "| tokens | one GPU ms | ringattn ms | x one GPU | TFLOP/s per GPU |",
+                "|---|---|---|---|---|"]  # fmt: skip
+        for r in data["prefill"]:
+            sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+            tflops = r["ringattn_tflops_per_gpu"]
+            out.append(f"| {r['tokens'] // 1024}K | {ms(r['one_gpu_ms'])} | "
+                       f"{r['ringattn_ms']:.2f} | {sp} | {tflops:.0f} |")  # fmt: skip
+        out.append("")
+    if "second_turn" in data:
+        out += ["## Second turn: T new tokens over P cached", "",
+                "| P | T | T/(T+P) | pass-KV ms | pass-Q ms | auto ms | one GPU ms | faster | "
+                "selector | predicted exposed KV / Q ms |",
+                "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in data["second_turn"]:
+            out.append(
+                f"| {r['cached'] // 1024}K | {r['new']} | {r['share']:.3f} | "
+                f"{r['pass_kv_ms']:.2f} | {r['pass_q_ms']:.2f} | {r['auto_ms']:.2f} | "
+                f"{ms(r['one_gpu_ms'])} | {r['measured_faster']} | {r['selector']} | "
+                f"{r['predicted_pass_kv_exposed_ms']:.3f} / "
+                f"{r['predicted_pass_q_exposed_ms']:.3f} |"
+            )
+        out.append("")
+    if "decode" in data:
+        kernels = data.get("decode_kernels", [])
+        out += ["## Decode, ms per token (one attention layer, T = 1)", "",
+                "Eager `decode` (default kernel) with each cross-rank check; then each split-K "
+                "kernel eager (check none) and replayed from a CUDA graph (DecodeGraph). One "
+                "GPU: SDPA over its whole cache (eager), and a rank's step (store, then the "
+                f"{data.get('one_gpu_graph_kernel', 'flash')} kernel) over the whole cache in "
+                "a CUDA graph.", ""]  # fmt: skip
+        head = ["context", "one GPU SDPA", "one GPU graph", "eager none", "eager shapes",
+                "eager inputs"]  # fmt: skip
+        for kernel in kernels:
+            head += [f"{kernel} eager", f"{kernel} graph"]
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in data["decode"]:
+            c = r["context"]
+            name = f"{c // 2**20}M" if c >= 2**20 else f"{c // 1024}K"
+            one_graph = r.get("one_gpu_graph_ms")
+            cells = [name, ms(r["one_gpu_ms"], 3), ms(one_graph, 3) if one_graph else "-"]
+            cells += [ms(r[f"eager_check_{c}_ms"], 3) for c in ("none", "shapes", "inputs")]
+            for kernel in kernels:
+                for key in (f"eager_{kernel}_ms", f"graph_{kernel}_ms"):
+                    missing = "failed" if f"error_{kernel}" in r else "-"
+                    cells.append(ms(r[key], 3) if key in r else missing)
+            out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -394,16 +508,32 @@ def main() -> None:
         "torch": torch.__version__,
         "dtype": str(b.dtype),
     }
-    from ringattn import inference
+    from ringattn import decode_kernels
 
-    data["correctness"] = correctness(b)
-    data["static_decode_fused"] = inference._EFFICIENT_BIAS
-    if b.rank == 0:
-        print("correctness", json.dumps(data["correctness"])[:2000], flush=True)
-    data["prefill"] = prefill_section(b, tokens(args.prefill), args.iters)
-    shares = [float(x) for x in args.shares.split(",")]
-    data["second_turn"] = second_turn_section(b, tokens(args.cached), shares, args.iters)
-    data["decode"] = decode_section(b, tokens(args.decode), args.decode_steps)
+    sections = args.sections.split(",")
+    kernels = [k for k in args.decode_kernels.split(",") if k]
+    if args.flex_options:
+        pairs = [item.split("=") for item in args.flex_options.split("/") if item]
+        decode_kernels.FLEX_OPTIONS = {k: int(v) for k, v in pairs}
+    data["flex_options"] = decode_kernels.FLEX_OPTIONS
+    if "correctness" in sections:
+        data["correctness"] = correctness(b, kernels)
+        if b.rank == 0:
+            print("correctness", json.dumps(data["correctness"])[:2000], flush=True)
+    data["decode_kernels_working"] = {
+        f"{name} on {device}": ok for (name, device), ok in decode_kernels._WORKS.items()
+    }
+    if "prefill" in sections:
+        data["prefill"] = prefill_section(b, tokens(args.prefill), args.iters)
+    if "second_turn" in sections:
+        shares = [float(x) for x in args.shares.split(",")]
+        data["second_turn"] = second_turn_section(b, tokens(args.cached), shares, args.iters)
+    if "decode" in sections:
+        data["decode"] = decode_section(
+            b, tokens(args.decode), args.decode_steps, kernels, args.one_gpu_kernel
+        )
+        data["one_gpu_graph_kernel"] = args.one_gpu_kernel
+    data["decode_kernels"] = kernels
     if b.rank == 0:
         print(report(data), flush=True)
         if args.json:

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import ringattn
-from ringattn import inference
+from ringattn import decode_kernels
 from ringattn.inference import decode, prefill
 from ringattn.layout import shard_for_rank
 from ringattn.reference import attention
@@ -56,6 +56,7 @@ def run_script(
     method: str = "auto",
     static: bool = False,
     capacity: int | None = None,
+    decode_kernel: str = "auto",
 ) -> list[float]:
     """Every call's max abs error against float64 attention (decode outputs also checked
     equal on every rank)."""
@@ -74,7 +75,7 @@ def run_script(
             got = prefill(*mine, cache, backend=backend, method=method)
             want = shard_for_rank(want, rank, world, dim=2, layout="zigzag")
         else:
-            got = decode(*piece, cache, backend=backend, static=static)
+            got = decode(*piece, cache, backend=backend, static=static, decode_kernel=decode_kernel)
             everyone = [torch.empty_like(got) for _ in range(world)]
             dist.all_gather(everyone, got.contiguous())
             assert all(torch.equal(e, got) for e in everyone), "decode differs across ranks"
@@ -105,11 +106,17 @@ def correctness(rank: int, world: int) -> dict:
     )
     # The graph-capturable decode path (device-side lengths over the whole capacity), its
     # capacity attended in chunks of 256 slots (split-K) merged by log-sum-exp.
-    chunk, inference._MAX_CHUNK = inference._MAX_CHUNK, 256
+    chunk, decode_kernels._MAX_CHUNK = decode_kernels._MAX_CHUNK, 256
     found["static-decode"] = run_script(
         rank, world, script(world), seed=8, shape=SHAPES[0], static=True, capacity=1000
     )
-    inference._MAX_CHUNK = chunk
+    decode_kernels._MAX_CHUNK = chunk
+    # The same through FlexAttention (its reference implementation on CPU): the block mask
+    # built on the device from the used length, capacity in blocks of 128 slots.
+    found["static-decode-flex"] = run_script(
+        rank, world, script(world), seed=13, shape=SHAPES[1], static=True, capacity=300,
+        decode_kernel="flex",
+    )  # fmt: skip
     # Decoding from an empty cache: every step is a decode (T > 1 first, as a replicated prompt).
     found["decode-only"] = run_script(
         rank, world, [("decode", 5), ("decode", 1), ("decode", 2), ("prefill", 2 * world)],
@@ -172,6 +179,8 @@ def errors(rank: int, world: int) -> dict:
     odd = [x[:, :, :3] for x in shard]
     found["odd_prefill"] = caught(lambda: prefill(*odd, cache))
     found["bad_check"] = caught(lambda: decode(*step, cache, check="sometimes"))  # type: ignore[arg-type]
+    found["bad_kernel"] = caught(lambda: decode(*step, cache, decode_kernel="fast"))  # type: ignore[arg-type]
+    found["flash_on_cpu"] = caught(lambda: decode(*step, cache, decode_kernel="flash"))
     found["state"] = (cache.length, cache.total)
     # Still usable, and correct, after all of that.
     out = decode(*step, cache)

@@ -64,6 +64,8 @@ def _check_errors(results: list[dict], world: int) -> None:
         "bad_method": ("ValueError", "method must be one of"),
         "odd_prefill": ("ValueError", "q.shape[2] must be even"),
         "bad_check": ("ValueError", "check must be one of"),
+        "bad_kernel": ("ValueError", "decode_kernel must be one of"),
+        "flash_on_cpu": ("ValueError", "decode_kernel='flash' runs on CUDA bf16/fp16 inputs"),
     }
     for rank, found in enumerate(results):
         errors = found["errors"]
@@ -124,3 +126,38 @@ def test_example_generates_like_one_process(tmp_path) -> None:
     assert found["ringattn"]["tokens"] == found["sdpa"]["tokens"], found
     # The 64-token prompt was prefilled sharded (32 per rank), then 4 decode tokens stored.
     assert found["ringattn"]["cache_tokens_per_rank"] == [34, 34]
+
+
+@pytest.mark.parametrize("kernel", ["plain", "flex"])
+def test_decode_kernels_read_only_the_used_slots(kernel: str) -> None:
+    """The split-K kernels of the device-length decode against float64 attention over the
+    used slots: grouped heads, batch 2, one and three query tokens, lengths inside and at
+    the end of a 128-slot block, the whole capacity, and none; the unused slots hold large
+    values that would change the result if any leaked in."""
+    import torch
+
+    from ringattn.decode_kernels import cache_attention
+
+    g = torch.Generator().manual_seed(5)
+    b, h, hkv, d, capacity = 2, 6, 2, 8, 384
+    k = torch.randn(b, hkv, capacity, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, hkv, capacity, d, generator=g, dtype=torch.float64)
+    for used in (1, 127, 128, 200, capacity):
+        kb, vb = k.clone(), v.clone()
+        kb[:, :, used:] = 50.0  # would dominate every softmax row
+        vb[:, :, used:] = 1e3
+        for t in (1, 3):
+            q = torch.randn(b, h, t, d, generator=g, dtype=torch.float64)
+            length = torch.tensor([used])
+            out, lse = cache_attention(q, kb, vb, length, 0.3, kernel)
+            ke = k[:, :, :used].repeat_interleave(h // hkv, dim=1)
+            ve = v[:, :, :used].repeat_interleave(h // hkv, dim=1)
+            s = q @ ke.transpose(-1, -2) * 0.3
+            want = torch.softmax(s, dim=-1) @ ve
+            assert out.dtype == lse.dtype == torch.float64
+            assert float((out - want).abs().max()) <= F64_TOL, (kernel, used, t)
+            assert float((lse - torch.logsumexp(s, dim=-1)).abs().max()) <= F64_TOL
+    # Nothing used: the rows saw nothing (lse -inf), and add nothing when merged.
+    q = torch.randn(b, h, 1, d, generator=g, dtype=torch.float64)
+    out, lse = cache_attention(q, k, v, torch.tensor([0]), 0.3, kernel)
+    assert bool(torch.isneginf(lse).all()) and not bool(out.isnan().any())

@@ -42,9 +42,12 @@ them, plus the new tokens' causal attention among themselves, into the same outp
 each rank stores the new tokens the placement rule gives it.
 
 **CUDA graphs.** With ``static=True`` (automatic while a CUDA graph is being captured),
-decode reads the cache's lengths from device tensors, attends over the whole preallocated
-capacity with the unused slots masked, and writes the new K/V with device-side indices:
-no host synchronisation, no shape that depends on the cache length. :class:`DecodeGraph`
+decode reads the cache's lengths from device tensors, writes the new K/V with device-side
+indices, and attends the used slots with a split-K kernel that takes the length on the
+device (:mod:`ringattn.decode_kernels`): no host synchronisation, no shape that depends on
+the cache length. Eager decode on CUDA takes the same path. A one-token step stores the
+token first, so the owner's shard already holds it and the shards' partial results merge
+alone. :class:`DecodeGraph`
 captures one decode step and replays it, keeping the cache's host-side counters in step.
 A captured step stays valid while the cache's buffers are not reallocated (reserve the
 capacity up front with ``KVCache(capacity=...)``).
@@ -71,6 +74,15 @@ from torch import Tensor
 
 from . import comm
 from .checks import _Rejected, check_kv_like_q, check_scale, exchange_descriptions
+from .decode_kernels import (
+    DECODE_KERNELS,
+    SLOT_BLOCK,
+    DecodeKernelName,
+    _fold,
+    _unfold,
+    cache_attention,
+    resolve,
+)
 from .kernels import BACKENDS, Kernel, accumulation_dtype, get_kernel, select_kernel
 from .layout import chunk_ids, ring_plan
 from .merge import merge_into
@@ -96,10 +108,6 @@ _DEVICE_TYPES = ("cpu", "cuda")
 # Geometric growth of the cache buffers, and the smallest allocation.
 _GROWTH = 2.0
 _MIN_SLOTS = 64
-_SLOT_BLOCK = 256
-# The static decode attends the capacity in chunks of at most this many slots, each a
-# separate kernel row block (split-K), so a single new token still fills the GPU.
-_MAX_CHUNK = 4096
 
 
 # ----------------------------------------------------------------------------- placement
@@ -189,6 +197,8 @@ class KVCache:
         # Device-side copies of (length, total) for the static (graph-capturable) decode.
         self._counters: Tensor | None = None
         self._counters_stale = True
+        # Row r: what one decode token at global position g, g mod N == r, adds to them.
+        self._step_table: Tensor | None = None
 
     # -- facts ---------------------------------------------------------------------------
 
@@ -258,7 +268,7 @@ class KVCache:
             slots = max(need, int(self.k.size(2) * _GROWTH))
         # Whole blocks of 256 slots: fused kernels stay on their aligned paths, and the
         # static decode splits the capacity into equal chunks.
-        slots = -(-slots // _SLOT_BLOCK) * _SLOT_BLOCK
+        slots = -(-slots // SLOT_BLOCK) * SLOT_BLOCK
         # Zeros: the static decode reads every slot (masked), and 0 * NaN garbage is NaN.
         k = torch.zeros(b, hkv, slots, d, dtype=like.dtype, device=like.device)
         v = torch.zeros_like(k)
@@ -268,7 +278,13 @@ class KVCache:
         self.k, self.v = k, v
         if self._counters is None or self._counters.device != like.device:
             self._counters = torch.zeros(2, dtype=torch.int64, device=like.device)
+            steps = [[int(r == self.rank), 1] for r in range(self.world)]
+            self._step_table = torch.tensor(steps, dtype=torch.int64, device=like.device)
         self._counters_stale = True
+
+    def _steps(self) -> Tensor:
+        assert self._step_table is not None
+        return self._step_table
 
     def _record(self, segment: Segment, stored: int) -> None:
         """Account for ``segment`` (``stored`` of its tokens on this rank) on the host.
@@ -410,7 +426,19 @@ def _calibration(device_type: str) -> object:
 # ----------------------------------------------------------------------------- checks
 
 
-_ARGUMENTS = ("q", "k", "v", "cache", "scale", "backend", "method", "group", "static", "check")
+_ARGUMENTS = (
+    "q",
+    "k",
+    "v",
+    "cache",
+    "scale",
+    "backend",
+    "method",
+    "group",
+    "static",
+    "check",
+    "decode_kernel",
+)
 _FIELDS = (
     "rejected argument",
     "call",
@@ -886,6 +914,7 @@ def decode(
     static: bool = False,
     check: CheckName = "inputs",
     group: object = None,
+    decode_kernel: DecodeKernelName = "auto",
 ) -> Tensor:
     """Attend the next T tokens to the whole cache and causally to each other.
 
@@ -905,6 +934,13 @@ def decode(
             ``"none"`` skips the cross-rank check (mismatched ranks then fail at the
             process group's timeout). While capturing, the checksum is left out.
         group: if given, the group the caller expects; the cache must have been made for it.
+        decode_kernel: the split-K kernel that attends the new tokens to the used part of
+            the cache on the device-length path (:mod:`ringattn.decode_kernels`):
+            ``"auto"`` (default: flex for static and captured steps, flash first for eager
+            ones), ``"flex"``, ``"flash"``, ``"chunked"`` or ``"plain"``. That path runs
+            for ``static=True`` and while capturing, and for eager decode on CUDA
+            (bf16/fp16, ``backend="auto"``) when the kernel is not ``"plain"``; elsewhere
+            eager decode slices the cache on the host and runs ``backend``.
 
     Returns:
         ``[B, H, T, D]`` in q's dtype, identical on every rank.
@@ -918,6 +954,7 @@ def decode(
     kernels: tuple[Kernel | None, Kernel] | None = None
     sums = (0, 0, 0)
     static_run = bool(static) or capturing
+    device_length = static_run
     if rejected is None:
         try:
             qt, kt, vt, kv_cache, scale_value = _check_common(
@@ -931,7 +968,24 @@ def decode(
                 raise _Rejected(
                     "check", ValueError, f"check must be one of {_CHECKS}, got {check!r}"
                 )
-            if static_run:
+            if decode_kernel not in DECODE_KERNELS:
+                raise _Rejected(
+                    "decode_kernel",
+                    ValueError,
+                    f"decode_kernel must be one of {DECODE_KERNELS}, got {decode_kernel!r}",
+                )
+            fused_only = decode_kernel in ("flash", "chunked")
+            if fused_only and not (qt.is_cuda and qt.dtype in (torch.bfloat16, torch.float16)):
+                raise _Rejected(
+                    "decode_kernel",
+                    ValueError,
+                    f"decode_kernel={decode_kernel!r} runs on CUDA bf16/fp16 inputs; got "
+                    f"{qt.dtype} on {qt.device.type} (use 'auto' or 'plain')",
+                )
+            device_length = static_run or (
+                qt.is_cuda and backend == "auto" and resolve(decode_kernel, qt)[0] != "plain"
+            )
+            if device_length:
                 room = kv_cache.capacity - kv_cache.length
                 if kv_cache.k is None or room < qt.size(2):
                     if capturing:
@@ -966,24 +1020,19 @@ def decode(
     assert qt is not None and kt is not None and vt is not None and kv_cache is not None
     assert kernels is not None
     with torch.no_grad():
-        if static_run:
-            return _decode_static(qt, kt, vt, kv_cache, scale_value, kernels[1], store=True)
+        if device_length:
+            return _decode_static(
+                qt,
+                kt,
+                vt,
+                kv_cache,
+                scale_value,
+                kernels[1],
+                decode_kernel,
+                store=True,
+                graph=static_run,
+            )
         return _decode_eager(qt, kt, vt, kv_cache, scale_value, kernels)
-
-
-def _fold(q: Tensor, kv_heads: int) -> Tensor:
-    """``[B, H, T, D] -> [B, H_kv, G*T, D]``: a K/V head's query heads as rows.
-
-    Exact for attention without a mask (every cached key is visible to every new token),
-    and it keeps grouped K/V unexpanded whatever the kernel.
-    """
-    b, h, t, d = q.shape
-    return q.reshape(b, kv_heads, (h // kv_heads) * t, d)
-
-
-def _unfold(x: Tensor, heads: int) -> Tensor:
-    b, hkv, gt = x.shape[:3]
-    return x.reshape(b, heads, gt * hkv // heads, *x.shape[3:])
 
 
 def _cache_kernel(backend: str, q: Tensor, k: Tensor, cache: KVCache) -> Kernel | None:
@@ -1062,130 +1111,86 @@ def _decode_eager(
     return result
 
 
-# Whether the memory-efficient kernel took a broadcast bias here (None: not tried yet).
-_EFFICIENT_BIAS: bool | None = None
-
-
-def _masked_partial(q: Tensor, cache: KVCache, scale: float) -> tuple[Tensor, Tensor]:
-    """Attention of ``q`` over the whole capacity with slots at or past the device-side
-    length masked: static shapes, no host sync. ``(out [B,H,T,D], lse [B,H,T])`` in the
-    accumulation dtype."""
-    assert cache.k is not None and cache.v is not None and cache._counters is not None
-    kv_heads = cache.k.size(1)
-    h = q.size(1)
-    qf = _fold(q, kv_heads)
-    slots = torch.arange(cache.k.size(2), device=q.device)
-    visible = slots < cache._counters[0]
-    dtype = accumulation_dtype(q.dtype)
-    global _EFFICIENT_BIAS
-    capturing = torch.cuda.is_current_stream_capturing() if q.is_cuda else False
-    fused = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.size(3) % 8 == 0
-    # The fused path is tried outside a capture first; a capture uses it only once it ran.
-    if fused and (_EFFICIENT_BIAS or (_EFFICIENT_BIAS is None and not capturing)):
-        try:
-            out, lse = _chunked_partial(qf, cache, visible, scale)
-            _EFFICIENT_BIAS = True
-            return _unfold(out, h).to(dtype), _unfold(lse, h).to(dtype)
-        except RuntimeError:
-            if capturing:
-                raise
-            _EFFICIENT_BIAS = False
-    out, lse = _chunked_partial(qf, cache, visible, scale, fused=False)
-    return _unfold(out, h), _unfold(lse, h)
-
-
-def _chunk_size(capacity: int) -> int:
-    """The largest multiple of the slot block dividing ``capacity``, at most _MAX_CHUNK."""
-    units = capacity // _SLOT_BLOCK
-    best = 1
-    for k in range(1, _MAX_CHUNK // _SLOT_BLOCK + 1):
-        if units % k == 0:
-            best = k
-    return best * _SLOT_BLOCK if capacity % _SLOT_BLOCK == 0 else capacity
-
-
-def _merge_parts(outs: Tensor, lses: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """Merge partial results along ``dim`` (of the lse) by log-sum-exp; parts that saw
-    nothing (lse = -inf) add nothing, and rows where every part saw nothing give 0, -inf."""
-    top = lses.amax(dim=dim, keepdim=True)
-    top = top.masked_fill(top == float("-inf"), 0.0)
-    weights = torch.exp(lses - top)
-    total = weights.sum(dim=dim, keepdim=True)
-    out = (outs * weights.unsqueeze(-1)).sum(dim=dim) / total.clamp_min(1e-30).unsqueeze(
-        -1
-    ).squeeze(dim)
-    return out, (torch.log(total) + top).squeeze(dim)
-
-
-def _biased_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float):
-    """``(out, lse)`` of attention with an additive bias, in plain ops (accumulation dtype)."""
-    dtype = accumulation_dtype(q.dtype)
-    s = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale + bias.to(dtype)
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0).unsqueeze(-1))
-    return torch.matmul(p, v.to(dtype)), lse
-
-
-def _chunked_partial(
-    qf: Tensor, cache: KVCache, visible: Tensor, scale: float, *, fused: bool = True
-) -> tuple[Tensor, Tensor]:
-    """Split-K attention of folded queries ``[B, H_kv, R, D]`` over the whole capacity.
-
-    The capacity is cut into n equal chunks seen as n times as many heads (a view of the
-    buffers); the memory-efficient kernel (``fused``, CUDA; plain ops otherwise) attends
-    every chunk with an additive bias that masks the unused slots, and the chunks merge by
-    log-sum-exp. Static shapes throughout: capturable in a CUDA graph."""
-    assert cache.k is not None and cache.v is not None
-    b, kv_heads, rows, d = qf.shape
-    capacity = cache.k.size(2)
-    chunk = _chunk_size(capacity)
-    n = capacity // chunk
-    k = cache.k.view(b, kv_heads * n, chunk, d)
-    v = cache.v.view(b, kv_heads * n, chunk, d)
-    q = qf.unsqueeze(2).expand(b, kv_heads, n, rows, d).reshape(b, kv_heads * n, rows, d)
-    bias = torch.zeros(n, chunk, dtype=qf.dtype, device=qf.device)
-    bias.masked_fill_(~visible.view(n, chunk), float("-inf"))
-    bias = bias.repeat(kv_heads, 1).view(1, kv_heads * n, 1, chunk).expand(b, -1, rows, -1)
-    if fused:
-        out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, bias, True, 0.0, False, scale=scale
-        )
-    else:  # the same arithmetic in plain ops (CPU, float64, or a kernel that refused)
-        out, lse = _biased_attention(q, k, v, bias, scale)
-    lse = lse[:, :, :rows].reshape(b, kv_heads, n, rows).to(accumulation_dtype(qf.dtype))
-    out = out.reshape(b, kv_heads, n, rows, d).to(lse.dtype)
-    return _merge_parts(out, lse, dim=2)
-
-
 def _decode_static(
-    q: Tensor, k: Tensor, v: Tensor, cache: KVCache, scale: float, kernel: Kernel, *, store: bool
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cache: KVCache,
+    scale: float,
+    kernel: Kernel,
+    decode_kernel: str,
+    *,
+    store: bool,
+    graph: bool,
 ) -> Tensor:
-    """The graph-capturable decode: device-side lengths and indices, static shapes."""
+    """The device-length decode: device-side lengths and indices, static shapes, no host
+    sync (graph-capturable). ``store=False`` leaves the cache's contents and counters as
+    they were (it may write the new K/V into unused slots). ``graph``: the step is (or is
+    made to be) captured, which picks the kernel for replay rather than host time."""
     cache._sync_device_counters()  # no-op while capturing (checked fresh before)
     assert cache.k is not None and cache.v is not None and cache._counters is not None
     b, h, t, d = q.shape
-    out, lse = _masked_partial(q, cache, scale)
-    part = torch.cat([out, lse.unsqueeze(-1)], dim=-1)
-    result = _gather_and_merge(q, k, v, part, cache, scale, kernel)
+    world, rank = cache.world, cache.rank
+    counters = cache._counters
+    if t == 1:
+        # Store first, into slot `length` on every rank (scratch past the valid length where
+        # the token is not this rank's): the owner's shard then holds the new token, so the
+        # shards' partial results are the whole answer and no separate block is attended.
+        cache.k.index_copy_(2, counters[:1], k)
+        cache.v.index_copy_(2, counters[:1], v)
+        after = counters + torch.index_select(cache._steps(), 0, counters[1:] % world).view(2)
+        out, lse = cache_attention(
+            q, cache.k, cache.v, after[:1], scale, decode_kernel, eager=not graph
+        )
+        result = _gather_and_merge_parts(out, lse, cache, q.dtype)
+        if store:
+            counters.copy_(after)
+    else:
+        out, lse = cache_attention(
+            q, cache.k, cache.v, counters[:1], scale, decode_kernel, eager=not graph
+        )
+        part = torch.cat([out.to(lse.dtype), lse.unsqueeze(-1)], dim=-1)
+        result = _gather_and_merge(q, k, v, part, cache, scale, kernel)
+        if store:
+            length, total = counters[0], counters[1]
+            steps = torch.arange(t, device=q.device)
+            mine = ((total + steps) % world) == rank
+            # Owned tokens go to [length, length + owned) in order; the others to the slots
+            # after them (inside the reserved room, past the valid length: scratch).
+            owned_before = torch.cumsum(mine.long(), 0) - mine.long()
+            owned = mine.long().sum()
+            others_before = torch.cumsum((~mine).long(), 0) - (~mine).long()
+            slots = torch.where(mine, length + owned_before, length + owned + others_before)
+            cache.k.index_copy_(2, slots, k)
+            cache.v.index_copy_(2, slots, v)
+            counters.add_(torch.stack([owned, torch.full_like(owned, t)]))
     if store:
-        world, rank = cache.world, cache.rank
-        length, total = cache._counters[0], cache._counters[1]
-        steps = torch.arange(t, device=q.device)
-        mine = ((total + steps) % world) == rank
-        # Owned tokens go to [length, length + owned) in order; the others to the slots after
-        # them (inside the reserved room, past the valid length: scratch).
-        owned_before = torch.cumsum(mine.long(), 0) - mine.long()
-        owned = mine.long().sum()
-        others_before = torch.cumsum((~mine).long(), 0) - (~mine).long()
-        slots = torch.where(mine, length + owned_before, length + owned + others_before)
-        cache.k.index_copy_(2, slots, k)
-        cache.v.index_copy_(2, slots, v)
-        cache._counters.add_(torch.stack([owned, torch.full_like(owned, t)]))
         # Host mirror (exact: the placement rule is known); stale under graph replay,
         # which DecodeGraph accounts for.
         segment = Segment("decode", cache.total, t)
         cache._record(segment, segment.length(rank, world))
     return result
+
+
+def _gather_and_merge_parts(out: Tensor, lse: Tensor, cache: KVCache, dtype: torch.dtype) -> Tensor:
+    """All-gather every rank's ``(out, lse)`` packed as ``[B, H, T, D+1]`` and merge them by
+    log-sum-exp: the same result on every rank. At least one rank's lse is finite."""
+    d = out.size(-1)
+    if cache.world == 1:
+        return out.to(dtype)
+    # One copy packs both and promotes out to lse's dtype.
+    part = torch.cat([out, lse.unsqueeze(-1)], dim=-1)
+    gathered = part.new_empty((cache.world, *part.shape))
+    try:
+        comm.all_gather_into(gathered, part, cache.group)
+    except Exception as err:  # noqa: BLE001 - re-raised with where it happened
+        raise comm.RingCommunicationError(
+            f"decode: the all-gather of partial outputs failed or timed out. "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
+        ) from err
+    # Each rank's weight is exp(lse_r - lse_total): a softmax over the ranks (one kernel).
+    weights = torch.softmax(gathered[..., d], dim=0)
+    return (gathered[..., :d] * weights.unsqueeze(-1)).sum(dim=0).to(dtype)
 
 
 class DecodeGraph:
@@ -1198,6 +1203,8 @@ class DecodeGraph:
     that would overflow it, or a cache whose buffers were reallocated since the capture,
     raises ValueError. Every rank of the group must capture and replay together. The
     cross-rank check runs once, at capture; replays check nothing across ranks.
+    ``decode_kernel`` picks the split-K kernel (:func:`decode`); the warm-up before the
+    capture compiles it where it is compiled (``"flex"``).
     """
 
     def __init__(
@@ -1209,6 +1216,7 @@ class DecodeGraph:
         *,
         scale: float | None = None,
         backend: str = "auto",
+        decode_kernel: DecodeKernelName = "auto",
     ) -> None:
         if not (isinstance(q, Tensor) and q.is_cuda):
             raise ValueError("DecodeGraph needs CUDA tensors")
@@ -1226,13 +1234,30 @@ class DecodeGraph:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.no_grad():
             for _ in range(2):
-                _decode_static(self.q, self.k, self.v, cache, scale_value, kernel, store=False)
+                _decode_static(
+                    self.q,
+                    self.k,
+                    self.v,
+                    cache,
+                    scale_value,
+                    kernel,
+                    decode_kernel,
+                    store=False,
+                    graph=True,
+                )
         torch.cuda.current_stream().wait_stream(stream)
         saved = (cache.length, cache.total, list(cache.segments))
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.out = decode(
-                self.q, self.k, self.v, cache, scale=scale, backend=backend, static=True
+                self.q,
+                self.k,
+                self.v,
+                cache,
+                scale=scale,
+                backend=backend,
+                static=True,
+                decode_kernel=decode_kernel,
             )
         cache.length, cache.total = saved[0], saved[1]
         cache.segments = saved[2]
