@@ -9,10 +9,9 @@ import torch
 from torch.nn.attention.flex_attention import flex_attention
 
 import ringattn
+from mask_cases import reference_attention
 from ringattn.masked_kernels import _reads_argument, build_block_mask
 from ringattn.masks import MaskSpec, PairMask
-
-from mask_cases import reference_attention
 
 
 def test_reads_argument_sees_what_a_mask_function_loads() -> None:
