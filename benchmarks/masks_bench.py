@@ -527,6 +527,8 @@ def report(paths: list[str], md: str | None) -> str:
         "warm-up"
     )
     seen, lines = set(), [head, ""]
+    if m.get("notes"):
+        lines += [f"Note: {m['notes']}.", ""]
     for c in cases:
         if c["case"] in seen:
             continue

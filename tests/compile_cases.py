@@ -117,13 +117,80 @@ def _tiny_lm_case(entry: str, mesh, backend: str, steps: int = 3):
     }
 
 
-def _masked_case(mesh):
-    """A windowed call inside ``torch.compile`` (fullgraph=False): masks plan per batch in
-    Python, so the call runs eagerly behind one graph break and stays exact."""
+def _documents_case(mesh, entry: str):
+    """Packed documents and a window inside ``torch.compile(fullgraph=True)``: a new batch's
+    documents at each step (same length) reuse the one graph; exact against float64."""
+    import ringattn
+    from mask_cases import reference_attention, reference_mask
+    from ringattn.integrations import transformers as ringattn_hf
+
+    module = torch.nn.Module()
+    module.is_causal = True
+
+    def attend(q, k, v, documents):
+        kw = dict(causal=True, documents=documents, window=(5, 0), backend="math")
+        if entry == "ring":
+            out = ringattn.ring_attention(q * 1.0, k, v, **kw)
+        elif entry == "hf":
+            # What attn_implementation="ringattn" gets for a packed batch of a model with a
+            # sliding window of 6 tokens (transformers' convention: i - 6 < j <= i).
+            out, _ = ringattn_hf._attention(
+                module, q * 1.0, k, v, None, group=None, layout="zigzag", backend="math",
+                sliding_window=6, ringattn_documents=documents,
+            )  # fmt: skip
+            return out.transpose(1, 2) * 1.0  # back to [B, H, S, D]
+        else:
+            out = ringattn.attention(q * 1.0, k, v, strategy=entry, **kw)
+        return out * 1.0
+
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    before = _graphs()
+    worst_eager, worst_ref = 0.0, 0.0
+    for step, lengths in enumerate(([5, 1, 10], [16], [2, 3, 4, 7])):
+        docs = ringattn.Documents.from_lengths(lengths)
+        q, k, v, dout = _full_inputs(16, seed=40 + step)
+        case = {
+            "batch": 1,
+            "heads": 4,
+            "seq": 16,
+            "segments": [(n, False) for n in lengths],
+            "causal": True,
+            "window": (5, 0),
+            "mask_mod": None,
+        }
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        ref, _ = reference_attention(*leaves, reference_mask(case), 8**-0.5)
+        ref.backward(dout)
+        want = [ref.detach(), *(x.grad for x in leaves)]
+        shards = [ringattn.shard(x, mesh, documents=docs) for x in (q, k, v, dout)]
+        results = []
+        for run in (compiled, attend):
+            mine = [x.clone().requires_grad_() for x in shards[:3]]
+            out = run(*mine, docs)
+            out.backward(shards[3])
+            results.append([out.detach(), *(x.grad for x in mine)])
+        for a, b, w in zip(*results, want):
+            worst_eager = max(worst_eager, float((a - b).abs().max()))
+            r = ringattn.shard(w, mesh, documents=docs)
+            worst_ref = max(worst_ref, float((a - r).abs().max()))
+    return {
+        "eager": worst_eager,
+        "reference": worst_ref,
+        "graphs": _graphs() - before,
+        "breaks": _breaks(),
+    }
+
+
+def _mask_mod_case(mesh):
+    """A mask function inside ``torch.compile`` (fullgraph=False): Python the op cannot
+    carry, so the call runs eagerly behind one graph break and stays exact."""
     import ringattn
 
+    def tail3(b, h, q, kv):
+        return q - kv <= 3
+
     def windowed(q, k, v):
-        out = ringattn.ring_attention(q * 1.0, k, v, causal=True, window=(3, 0), backend="math")
+        out = ringattn.ring_attention(q * 1.0, k, v, causal=True, mask_mod=tail3, backend="math")
         return out * 1.0
 
     q, k, v, dout = _full_inputs(16, seed=30)
@@ -206,8 +273,12 @@ def run_compile_cases(rank: int, world: int, names: tuple[str, ...]) -> dict:
         if entry in names:
             torch._dynamo.reset()
             found[entry] = _tiny_lm_case(entry.removesuffix("_inductor"), mesh, backend)
-    if "masked" in names:
+    for entry in ("ring", "allgather", "hf"):
+        if f"documents_{entry}" in names:
+            torch._dynamo.reset()
+            found[f"documents_{entry}"] = _documents_case(mesh, entry)
+    if "mask_mod" in names:
         torch._dynamo.reset()
-        found["masked"] = _masked_case(mesh)
+        found["mask_mod"] = _mask_mod_case(mesh)
     dist.barrier()
     return found

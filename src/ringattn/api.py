@@ -124,11 +124,18 @@ def ring_attention(
             moves; also when ranks disagree on shapes, dtype or options (checked for each new
             call signature; see :func:`set_cross_rank_check`).
     """
-    if documents is not None or window is not None or mask_mod is not None:
-        # Masks plan per batch in Python: under torch.compile they run eagerly (a
-        # graph break; fullgraph=True raises).
+    masked = documents is not None or window is not None or mask_mod is not None
+    compiling = torch.compiler.is_compiling()
+    if masked and compiling and ops.traceable_masks(documents, window, mask_mod):
+        # Documents (a tensor input) and a window (static) go into the one opaque op.
+        out, lse = ops.traced_call(
+            "ring", q, k, v, group, causal, scale, layout, backend, "", documents, window
+        )
+        return (out, lse) if return_lse else out
+    if masked:
+        # A mask function is Python the op cannot carry: under torch.compile the call runs
+        # eagerly (a graph break; fullgraph=True raises).
         run = _masked_eager if torch.compiler.is_compiling() else masked_ring_attention
-    if documents is not None or window is not None or mask_mod is not None:
         return run(
             q,
             k,
@@ -169,9 +176,18 @@ def ring_attention(
     return (out, lse) if return_lse else out
 
 
-def _ring_entry(q, k, v, group, causal, scale, layout, backend, strategy):  # noqa: ANN001
+def _ring_entry(q, k, v, group, causal, scale, layout, backend, strategy, **masks):  # noqa: ANN001
     return ring_attention(
-        q, k, v, group, causal=causal, scale=scale, layout=layout, backend=backend, return_lse=True
+        q,
+        k,
+        v,
+        group,
+        causal=causal,
+        scale=scale,
+        layout=layout,
+        backend=backend,
+        return_lse=True,
+        **masks,
     )
 
 

@@ -35,10 +35,11 @@ from torch import Tensor
 from . import comm
 from .kernels import accumulation_dtype
 
-__all__ = ["group_names", "register_entry", "traced_call"]
+__all__ = ["group_names", "register_entry", "traceable_masks", "traced_call"]
 
-# name -> eager function(q, k, v, mesh, causal, scale, layout, backend, strategy) -> (out, lse)
-# (lse None where the entry point has none). Filled by api.py and strategies.py.
+# name -> eager function(q, k, v, mesh, causal, scale, layout, backend, strategy, *,
+# documents=None, window=None) -> (out, lse) (lse None where the entry point has none).
+# Filled by api.py and strategies.py.
 _ENTRIES: dict[str, Callable[..., tuple[Tensor, Tensor | None]]] = {}
 
 # handle -> (inputs, output) of a forward whose backward has not run yet.
@@ -113,11 +114,66 @@ def _forget(handle: int) -> None:
     _PENDING.pop(handle, None)
 
 
+def traceable_masks(documents: Any, window: Any, mask_mod: Any) -> bool:
+    """Whether a masked call can be one op in a compiled graph: no mask function, documents
+    (if any) a :class:`ringattn.Documents`, a window (if any) a pair of ints. Anything else
+    runs eagerly, where the argument checks name what is wrong."""
+    from .masks import Documents
+
+    if mask_mod is not None or not (documents is None or isinstance(documents, Documents)):
+        return False
+    return window is None or (
+        isinstance(window, tuple)
+        and len(window) == 2
+        and all(isinstance(w, int) and not isinstance(w, bool) for w in window)
+    )
+
+
+def _mask_text(documents: Any, window: Any) -> str:
+    """The static part of a call's masks, as the op's string argument: ``"docs=shared"`` or
+    ``"docs=rows"`` (the document ids travel as a tensor input) and ``"window=L,R"``."""
+    parts = []
+    if documents is not None:
+        parts.append("docs=" + ("shared" if documents.batch_size is None else "rows"))
+    if window is not None:
+        parts.append(f"window={window[0]},{window[1]}")
+    return ";".join(parts)
+
+
+# The Documents rebuilt from an op's document ids, by the ids tensor (kept while it lives
+# and is not modified): one rebuild per batch, not per layer.
+_DOCUMENTS: dict[int, tuple[weakref.ref, int, Any]] = {}
+
+
+def _mask_arguments(doc_ids: Tensor | None, masks: str) -> dict[str, Any]:
+    """``documents``/``window`` keyword arguments of the entry point from the op's inputs."""
+    from .masks import Documents
+
+    found: dict[str, Any] = {}
+    for part in filter(None, masks.split(";")):
+        name, _, value = part.partition("=")
+        if name == "window":
+            left, right = value.split(",")
+            found["window"] = (int(left), int(right))
+        elif name == "docs" and doc_ids is not None:
+            memo = _DOCUMENTS.get(id(doc_ids))
+            if memo is not None and memo[0]() is doc_ids and memo[1] == doc_ids._version:
+                found["documents"] = memo[2]
+                continue
+            if len(_DOCUMENTS) >= 64:
+                _DOCUMENTS.clear()
+            documents = Documents(doc_ids.detach().cpu(), shared=value == "shared")
+            _DOCUMENTS[id(doc_ids)] = (weakref.ref(doc_ids), doc_ids._version, documents)
+            found["documents"] = documents
+    return found
+
+
 @torch.library.custom_op("ringattn::forward", mutates_args=())
 def _forward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
+    doc_ids: Tensor | None,
     entry: str,
     mesh: str,
     causal: bool,
@@ -125,14 +181,16 @@ def _forward(
     layout: str,
     backend: str,
     strategy: str,
+    masks: str,
     needs_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     fn = _ENTRIES[entry]
     group = _mesh_from_names(mesh)
     handle = torch.zeros((), dtype=torch.int64)
+    extra = _mask_arguments(doc_ids, masks)
     with _recording():
         inputs = tuple(x.detach().requires_grad_(needs_grad) for x in (q, k, v))
-        out, lse = fn(*inputs, group, causal, scale, layout, backend, strategy)
+        out, lse = fn(*inputs, group, causal, scale, layout, backend, strategy, **extra)
     if lse is None:
         lse = _lse_like(q).new_empty(0)
     if needs_grad and out.requires_grad:
@@ -151,7 +209,7 @@ def _forward(
 
 
 @_forward.register_fake
-def _(q, k, v, entry, mesh, causal, scale, layout, backend, strategy, needs_grad):
+def _(q, k, v, doc_ids, entry, mesh, causal, scale, layout, backend, strategy, masks, needs_grad):
     lse = _lse_like(q) if entry == "ring" else q.new_empty(0, dtype=accumulation_dtype(q.dtype))
     return q.new_empty(q.shape), lse, torch.empty((), dtype=torch.int64)
 
@@ -196,7 +254,7 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
 def _autograd_backward(ctx: Any, dout: Tensor, _dlse: Tensor, _dhandle: Tensor):
     handle, q, k, v, _, _ = ctx.saved_tensors
     dq, dk, dv = _backward(dout.contiguous(), handle, q, k, v)
-    return dq, dk, dv, *([None] * 8)
+    return dq, dk, dv, *([None] * 10)
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -213,16 +271,21 @@ def traced_call(
     layout: str,
     backend: str,
     strategy: str = "",
+    documents: Any = None,
+    window: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(out, lse)`` of an entry point as one custom op (what dynamo records in a graph).
 
-    ``lse`` is empty for entry points that have none.
+    ``lse`` is empty for entry points that have none. ``documents`` (a
+    :class:`ringattn.Documents`) travel as their document-id tensor, a graph input, so a new
+    batch's documents of the same length compile nothing new; ``window`` is static.
     """
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     out, lse, _ = _forward(
         q,
         k,
         v,
+        documents.doc_ids if documents is not None else None,
         entry,
         group_names(mesh),
         causal,
@@ -230,6 +293,7 @@ def traced_call(
         layout,
         backend,
         strategy,
+        _mask_text(documents, window),
         needs_grad,
     )
     return out, lse

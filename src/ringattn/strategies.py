@@ -455,6 +455,14 @@ def attention(
         ValueError, TypeError: bad arguments, on every rank, before any data moves.
     """
     if documents is not None or window is not None or mask_mod is not None:
+        if torch.compiler.is_compiling() and ops.traceable_masks(documents, window, mask_mod):
+            # Documents (a tensor input) and a window (static) go into the one opaque op.
+            return ops.traced_call(
+                "attention", q, k, v, mesh, causal, scale, layout, backend, strategy,
+                documents, window,
+            )[0]  # fmt: skip
+        # A mask function is Python the op cannot carry: under torch.compile the call runs
+        # eagerly (a graph break; fullgraph=True raises).
         mask = MaskArguments(documents, window, mask_mod, causal)
         run = _masked_eager if torch.compiler.is_compiling() else _masked_attention
         return run(q, k, v, mesh, causal, scale, strategy, layout, backend, mask)
@@ -602,9 +610,18 @@ def _density(spec: MaskSpec) -> float:
 _DENSITIES: dict[tuple, float] = {}
 
 
-def _attention_entry(q, k, v, mesh, causal, scale, layout, backend, strategy):  # noqa: ANN001
+def _attention_entry(q, k, v, mesh, causal, scale, layout, backend, strategy, **masks):  # noqa: ANN001
     out = attention(
-        q, k, v, mesh, causal=causal, scale=scale, strategy=strategy, layout=layout, backend=backend
+        q,
+        k,
+        v,
+        mesh,
+        causal=causal,
+        scale=scale,
+        strategy=strategy,
+        layout=layout,
+        backend=backend,
+        **masks,
     )
     return out, None
 
