@@ -52,6 +52,16 @@ def _breaks() -> dict[str, int]:
     return dict(counters["graph_break"])
 
 
+def _summary(worst_eager: float, worst_ref: float, graphs_before: int) -> dict:
+    """A case's result: largest differences to eager mode and to float64, graphs, breaks."""
+    return {
+        "eager": worst_eager,
+        "reference": worst_ref,
+        "graphs": _graphs() - graphs_before,
+        "breaks": _breaks(),
+    }
+
+
 def _attention_case(fn, mesh, seqs: list[int], backend: str, dynamic: bool, causal: bool):
     """Compile ``fn(q, k, v)`` once; call it on several inputs; compare with eager and float64."""
     import ringattn
@@ -76,12 +86,7 @@ def _attention_case(fn, mesh, seqs: list[int], backend: str, dynamic: bool, caus
         for a, b, r in zip(*results, mine):
             worst_eager = max(worst_eager, float((a - b).abs().max()))
             worst_ref = max(worst_ref, float((a - r).abs().max()))
-    return {
-        "eager": worst_eager,
-        "reference": worst_ref,
-        "graphs": _graphs() - before,
-        "breaks": _breaks(),
-    }
+    return _summary(worst_eager, worst_ref, before)
 
 
 def _tiny_lm_case(entry: str, mesh, backend: str, steps: int = 3):
@@ -173,12 +178,7 @@ def _documents_case(mesh, entry: str):
             worst_eager = max(worst_eager, float((a - b).abs().max()))
             r = ringattn.shard(w, mesh, documents=docs)
             worst_ref = max(worst_ref, float((a - r).abs().max()))
-    return {
-        "eager": worst_eager,
-        "reference": worst_ref,
-        "graphs": _graphs() - before,
-        "breaks": _breaks(),
-    }
+    return _summary(worst_eager, worst_ref, before)
 
 
 def _mask_mod_case(mesh):

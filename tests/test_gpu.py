@@ -57,14 +57,19 @@ def test_triton_merge_matches_float64() -> None:
     assert not bad, "\n".join(bad)
 
 
-@pytest.fixture(scope="module")
-def nccl_rows() -> list[dict]:
+def _over_nccl(worker_name: str) -> list[dict]:
+    """Rank 0's rows of a gpu_cases worker run on up to 4 GPUs over NCCL."""
     gpus = torch.cuda.device_count()
     if gpus < 2:
         pytest.skip(f"NCCL tests need 2 GPUs, found {gpus}")
-    from gpu_cases import run_nccl
+    import gpu_cases
 
-    return run_ranks(run_nccl, min(gpus, 4), backend="nccl", timeout=600)[0]
+    return run_ranks(getattr(gpu_cases, worker_name), min(gpus, 4), backend="nccl", timeout=600)[0]
+
+
+@pytest.fixture(scope="module")
+def nccl_rows() -> list[dict]:
+    return _over_nccl("run_nccl")
 
 
 def _select(rows: list[dict], prefix: str) -> list[dict]:
@@ -102,12 +107,7 @@ def test_the_ring_merged_with_the_triton_kernel(nccl_rows) -> None:
 
 @pytest.fixture(scope="module")
 def masked_rows() -> list[dict]:
-    gpus = torch.cuda.device_count()
-    if gpus < 2:
-        pytest.skip(f"NCCL tests need 2 GPUs, found {gpus}")
-    from gpu_cases import run_masked
-
-    return run_ranks(run_masked, min(gpus, 4), backend="nccl", timeout=600)[0]
+    return _over_nccl("run_masked")
 
 
 def test_masks_over_nccl_every_strategy(masked_rows) -> None:

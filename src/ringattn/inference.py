@@ -1055,6 +1055,19 @@ def _local_merge(outs: Tensor, lses: Tensor) -> Tensor:
     return (outs * (weights / total.unsqueeze(0)).unsqueeze(-1)).sum(dim=0)
 
 
+def _gather_partials(part: Tensor, cache: KVCache) -> Tensor:
+    """Every rank's packed partial result, stacked on a new first dimension."""
+    gathered = part.new_empty((cache.world, *part.shape))
+    try:
+        comm.all_gather_into(gathered, part, cache.group)
+    except Exception as err:  # noqa: BLE001 - re-raised with where it happened
+        raise comm.RingCommunicationError(
+            f"decode: the all-gather of partial outputs failed or timed out. "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
+        ) from err
+    return gathered
+
+
 def _gather_and_merge(
     q: Tensor, k: Tensor, v: Tensor, part: Tensor, cache: KVCache, scale: float, kernel: Kernel
 ) -> Tensor:
@@ -1062,17 +1075,7 @@ def _gather_and_merge(
     causal block, and merge: the same result on every rank."""
     d = q.size(3)
     world = cache.world
-    if world > 1:
-        gathered = part.new_empty((world, *part.shape))
-        try:
-            comm.all_gather_into(gathered, part, cache.group)
-        except Exception as err:  # noqa: BLE001 - re-raised with where it happened
-            raise comm.RingCommunicationError(
-                f"decode: the all-gather of partial outputs failed or timed out. "
-                f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
-            ) from err
-    else:
-        gathered = part.unsqueeze(0)
+    gathered = _gather_partials(part, cache) if world > 1 else part.unsqueeze(0)
     own_out, own_lse, _ = kernel.forward(q, k, v, causal=True, scale=scale)
     outs = torch.cat([gathered[..., :d], own_out.to(part.dtype).unsqueeze(0)])
     lses = torch.cat([gathered[..., d], own_lse.to(part.dtype).unsqueeze(0)])
@@ -1180,14 +1183,7 @@ def _gather_and_merge_parts(out: Tensor, lse: Tensor, cache: KVCache, dtype: tor
         return out.to(dtype)
     # One copy packs both and promotes out to lse's dtype.
     part = torch.cat([out, lse.unsqueeze(-1)], dim=-1)
-    gathered = part.new_empty((cache.world, *part.shape))
-    try:
-        comm.all_gather_into(gathered, part, cache.group)
-    except Exception as err:  # noqa: BLE001 - re-raised with where it happened
-        raise comm.RingCommunicationError(
-            f"decode: the all-gather of partial outputs failed or timed out. "
-            f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
-        ) from err
+    gathered = _gather_partials(part, cache)
     # Each rank's weight is exp(lse_r - lse_total): a softmax over the ranks (one kernel).
     weights = torch.softmax(gathered[..., d], dim=0)
     return (gathered[..., :d] * weights.unsqueeze(-1)).sum(dim=0).to(dtype)

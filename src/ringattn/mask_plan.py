@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -115,21 +116,33 @@ def single_plan(
     strategies compute it in one kernel call (cached)."""
     every = tuple(range(placement.seq_len // placement.chunk))
     q_ids = every if rank is None else placement.ids[rank]
-    key = (spec.key, q_ids, placement.chunk, kernel, head_offset)
+    return _one_pair(
+        (spec.key, q_ids, placement.chunk, kernel, head_offset),
+        spec,
+        Placement(placement.chunk, (q_ids,)).positions(0),
+        lambda: torch.arange(placement.seq_len),
+        kernel,
+        head_offset,
+    )
+
+
+_SINGLE: dict[tuple, BlockPlan] = {}
+
+
+def _one_pair(
+    key: tuple, spec: MaskSpec, qpos: Tensor, kpos: Any, kernel: str, head_offset: int = 0
+) -> BlockPlan:
+    """The cached plan of one (query positions, key positions) pair (``kpos`` made on a
+    cache miss only)."""
     plan = _SINGLE.get(key)
     if plan is None:
-        qpos = Placement(placement.chunk, (q_ids,)).positions(0)
-        kpos = torch.arange(placement.seq_len)
-        pair = PairMask.build(spec, qpos, kpos, head_offset)
+        pair = PairMask.build(spec, qpos, kpos(), head_offset)
         plan = block_plan(pair, 0, kernel, keep_empty=True)
         assert plan is not None
         if len(_SINGLE) >= _CACHE_LIMIT:
             _SINGLE.clear()
         _SINGLE[key] = plan
     return plan
-
-
-_SINGLE: dict[tuple, BlockPlan] = {}
 
 
 def fetched_plan(
@@ -138,15 +151,7 @@ def fetched_plan(
     """One pair: the queries of ``rank`` against the keys it fetched (``key_positions``,
     sorted; see :mod:`ringattn.kv_exchange`), as the masked all-gather computes it (cached)."""
     key = (spec.key, placement, rank, kernel, "fetched")
-    plan = _SINGLE.get(key)
-    if plan is None:
-        pair = PairMask.build(spec, placement.positions(rank), key_positions)
-        plan = block_plan(pair, 0, kernel, keep_empty=True)
-        assert plan is not None
-        if len(_SINGLE) >= _CACHE_LIMIT:
-            _SINGLE.clear()
-        _SINGLE[key] = plan
-    return plan
+    return _one_pair(key, spec, placement.positions(rank), lambda: key_positions, kernel)
 
 
 def density(spec: MaskSpec) -> float:
