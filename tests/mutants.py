@@ -156,7 +156,15 @@ def _lse_off() -> list[Patch]:
 def _pieces_unsorted() -> list[Patch]:
     """Gathered chunks (Ulysses' head exchange, the all-gather's K/V) left in rank order
     instead of sorted by position."""
-    return [(strategies, "_pieces_by_position", lambda p, ids: p)]
+    rows = strategies._row_orders
+
+    def rank_order(ids, per_rank, planes, device):
+        return rows(tuple(range(len(ids))), per_rank, planes, device)
+
+    return [
+        (strategies, "_pieces_by_position", lambda p, ids: p),
+        (strategies, "_row_orders", rank_order),
+    ]
 
 
 MUTANTS: dict[str, Callable[[], list[Patch]]] = {
@@ -181,6 +189,7 @@ def _clear_caches() -> None:
     strategies._PLANNED.clear()
     strategies._piece_ids.cache_clear()
     strategies._sort_orders.cache_clear()
+    strategies._row_orders.cache_clear()
 
 
 @contextmanager
