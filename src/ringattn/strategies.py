@@ -514,9 +514,11 @@ def _masked_attention(
     """:func:`attention` under documents, a window or a mask function.
 
     Every strategy reads the same placement (the balanced one with documents, else
-    ``layout``): the ring runs the masked plans; all-gather computes its queries against
-    every key in one pair; Ulysses one pair on its heads over the whole sequence; the hybrid
-    the masked ring over the outer dimension on the placement its inner groups gather.
+    ``layout``): the ring runs the masked plans; all-gather fetches the keys its queries can
+    see (:mod:`ringattn.kv_exchange`) and computes them in one pair; Ulysses one pair on its
+    heads over the whole sequence; the hybrid the masked ring over the outer dimension on
+    the placement its inner groups gather. A pair computed in one call runs under its
+    kernel's own autograd (FlexAttention on GPUs: nothing recomputed).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
