@@ -114,7 +114,10 @@ def ring_attention(
         mask_mod: ``fn(b, h, q_idx, kv_idx) -> bool tensor`` over global positions
             (FlexAttention's convention, called on broadcastable index tensors), for masks
             the others do not express. All masks combine with each other and ``causal``;
-            rows that see no key return 0 (and lse -inf).
+            rows that see no key return 0 (and lse -inf). Under masks the ring keeps its
+            memory bound (two K/V blocks) but on GPUs recomputes each masked block's
+            forward in the backward; :func:`ringattn.attention` with ``strategy="auto"``
+            fetches the keys the mask needs and is faster where they fit.
 
     Returns:
         This rank's output shard ``[B, H, S_local, D]`` in q's dtype, and the lse if asked.
