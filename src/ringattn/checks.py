@@ -83,14 +83,16 @@ class _Rejected(Exception):
         self.message = message
 
 
-def _check_tensor(name: str, x: object) -> Tensor:
+def check_tensor(name: str, x: object, seq: str = "local_seq") -> Tensor:
+    """``x`` if it is a 4-D floating-point tensor ``[batch, heads, <seq>, head_dim]``, else
+    ``_Rejected`` naming ``name``."""
     if not isinstance(x, Tensor):
         raise _Rejected(name, TypeError, f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise _Rejected(
             name,
             ValueError,
-            f"{name} must be 4-D [batch, heads, local_seq, head_dim], got shape {tuple(x.shape)}",
+            f"{name} must be 4-D [batch, heads, {seq}, head_dim], got shape {tuple(x.shape)}",
         )
     if not x.is_floating_point():
         raise _Rejected(name, TypeError, f"{name} must be floating point, got {x.dtype}")
@@ -136,7 +138,7 @@ def _check_arguments(
     return_lse: object,
 ) -> tuple[float, Kernel]:
     """Raise ``_Rejected`` for the first bad argument; return the scale and the kernel to use."""
-    q, k, v = _check_tensor("q", q), _check_tensor("k", k), _check_tensor("v", v)
+    q, k, v = check_tensor("q", q), check_tensor("k", k), check_tensor("v", v)
     check_kv_like_q(q, k, v)
     for name, x in (("k", k), ("v", v)):
         if x.size(0) != q.size(0):

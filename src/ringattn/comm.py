@@ -20,6 +20,7 @@ __all__ = [
     "Ring",
     "all_gather",
     "backend_device_types",
+    "exchange",
     "host_group",
     "resolve_group",
     "ring_for",
@@ -305,6 +306,22 @@ class Ring:
                 known = False
             self._coalescing[device] = known
         return known
+
+
+def exchange(
+    group: dist.ProcessGroup,
+    sends: list[tuple[int, Tensor]],
+    recvs: list[tuple[int, Tensor]],
+    what: str,
+) -> None:
+    """Post every send and receive (peers as ranks of ``group``) in one launch and wait;
+    ``what`` names the transfer in the error raised when a peer fails."""
+    if not sends and not recvs:
+        return
+    ops = [dist.P2POp(dist.isend, t, dist.get_global_rank(group, p), group) for p, t in sends]
+    ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, p), group) for p, t in recvs]
+    peers = sorted({p for p, _ in sends} | {p for p, _ in recvs})
+    PendingShift(dist.batch_isend_irecv(ops), what, f"rank(s) {peers} of the group").wait()
 
 
 _RINGS: dict[dist.ProcessGroup, Ring] = {}

@@ -73,7 +73,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import comm
-from .checks import _Rejected, check_kv_like_q, check_scale, exchange_descriptions
+from .checks import _Rejected, check_kv_like_q, check_scale, check_tensor, exchange_descriptions
 from .decode_kernels import (
     DECODE_KERNELS,
     SLOT_BLOCK,
@@ -463,14 +463,7 @@ _FIELDS = (
 
 
 def _tensor(name: str, x: object, what: str) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise _Rejected(name, TypeError, f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise _Rejected(
-            name,
-            ValueError,
-            f"{name} must be 4-D [batch, heads, {what}, head_dim], got {tuple(x.shape)}",
-        )
+    x = check_tensor(name, x, what)
     if x.dtype not in _DTYPES:
         raise _Rejected(
             name, TypeError, f"{name} must be float64, float32, bfloat16 or float16, got {x.dtype}"

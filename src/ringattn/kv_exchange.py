@@ -23,7 +23,7 @@ across ranks by the argument checks), so the sends and receives match without a 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -52,6 +52,16 @@ class KVExchange:
     own_slots: Tensor  # where its own keys sit among them ([S_local], ascending)
     fetch: tuple[tuple[int, Tensor, Tensor], ...]  # (source, source's local indices, slots)
     serve: tuple[tuple[int, Tensor], ...]  # (destination, this rank's local indices it needs)
+    # Device copies of the index tensors above, made on first use (kept with the exchange).
+    _on_device: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def on(self, device: torch.device, x: Tensor) -> Tensor:
+        """``x`` (one of this exchange's index tensors) on ``device``, copied there once."""
+        key = (id(x), device)
+        found = self._on_device.get(key)
+        if found is None:
+            found = self._on_device[key] = x.to(device)
+        return found
 
     @property
     def fetched(self) -> int:
@@ -119,34 +129,24 @@ def kv_exchange(spec: MaskSpec, placement: Placement, rank: int) -> KVExchange:
     return found
 
 
-def _on(device: torch.device, x: Tensor, memo: dict) -> Tensor:
-    """``x`` on ``device``, copied there once per exchange (index tensors are small)."""
-    key = (id(x), device)
-    found = memo.get(key)
-    if found is None:
-        found = memo[key] = x.to(device)
-    return found
-
-
 class _FetchKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, k: Tensor, v: Tensor, ex: KVExchange, group: dist.ProcessGroup):  # type: ignore[override]
         dev = k.device
-        memo = _device_indices(ex)
         b, h, _, d = k.shape
         n = ex.positions.numel()
         k_ext, v_ext = k.new_empty((b, h, n, d)), v.new_empty((b, h, n, d))
-        own = _on(dev, ex.own_slots, memo)
+        own = ex.on(dev, ex.own_slots)
         k_ext.index_copy_(2, own, k)
         v_ext.index_copy_(2, own, v)
         sends = [
             (dst, torch.stack((k.index_select(2, i), v.index_select(2, i))))
-            for dst, i in ((dst, _on(dev, idx, memo)) for dst, idx in ex.serve)
+            for dst, i in ((dst, ex.on(dev, idx)) for dst, idx in ex.serve)
         ]
         recvs = [(src, k.new_empty((2, b, h, idx.numel(), d))) for src, idx, _ in ex.fetch]
-        _exchange(group, sends, recvs, "fetching the keys this rank's queries see")
+        comm.exchange(group, sends, recvs, "fetching the keys this rank's queries see")
         for (_, _, slots), (_, buf) in zip(ex.fetch, recvs):
-            at = _on(dev, slots, memo)
+            at = ex.on(dev, slots)
             k_ext.index_copy_(2, at, buf[0])
             v_ext.index_copy_(2, at, buf[1])
         ctx.ex, ctx.group = ex, group
@@ -156,52 +156,23 @@ class _FetchKV(torch.autograd.Function):
     def backward(ctx: Any, dk_ext: Tensor, dv_ext: Tensor):  # type: ignore[override]
         ex, group = ctx.ex, ctx.group
         dev = dk_ext.device
-        memo = _device_indices(ex)
         sends = [
             (src, torch.stack((dk_ext.index_select(2, at), dv_ext.index_select(2, at))))
-            for src, at in ((src, _on(dev, slots, memo)) for src, _, slots in ex.fetch)
+            for src, at in ((src, ex.on(dev, slots)) for src, _, slots in ex.fetch)
         ]
         b, h, _, d = dk_ext.shape
         recvs = [(dst, dk_ext.new_empty((2, b, h, idx.numel(), d))) for dst, idx in ex.serve]
-        _exchange(group, sends, recvs, "returning the fetched keys' gradients")
-        own = _on(dev, ex.own_slots, memo)
+        comm.exchange(group, sends, recvs, "returning the fetched keys' gradients")
+        own = ex.on(dev, ex.own_slots)
         dtype = dk_ext.dtype
         # One other term per key is one rounding of an exact sum; more accumulate wide.
         wide = dtype if len(ex.serve) <= 1 else accumulation_dtype(dtype)
         dk, dv = (g.index_select(2, own).to(wide) for g in (dk_ext, dv_ext))
         for (_, idx), (_, buf) in zip(ex.serve, recvs):
-            at = _on(dev, idx, memo)
+            at = ex.on(dev, idx)
             dk.index_add_(2, at, buf[0].to(wide))
             dv.index_add_(2, at, buf[1].to(wide))
         return dk.to(dtype), dv.to(dtype), None, None
-
-
-# Device copies of an exchange's index tensors, per exchange (kept while it is cached).
-_DEVICE_INDICES: dict[int, dict] = {}
-
-
-def _device_indices(ex: KVExchange) -> dict:
-    memo = _DEVICE_INDICES.get(id(ex))
-    if memo is None or memo.get("owner") is not ex:
-        if len(_DEVICE_INDICES) > 4 * _CACHE_LIMIT:
-            _DEVICE_INDICES.clear()
-        memo = _DEVICE_INDICES[id(ex)] = {"owner": ex}
-    return memo
-
-
-def _exchange(
-    group: dist.ProcessGroup,
-    sends: list[tuple[int, Tensor]],
-    recvs: list[tuple[int, Tensor]],
-    what: str,
-) -> None:
-    """Post every send and receive (peers as ranks of ``group``) in one launch and wait."""
-    if not sends and not recvs:
-        return
-    ops = [dist.P2POp(dist.isend, t, dist.get_global_rank(group, p), group) for p, t in sends]
-    ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, p), group) for p, t in recvs]
-    peers = sorted({p for p, _ in sends} | {p for p, _ in recvs})
-    comm.PendingShift(dist.batch_isend_irecv(ops), what, f"rank(s) {peers} of the group").wait()
 
 
 def fetch_kv(

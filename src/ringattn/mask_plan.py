@@ -16,8 +16,8 @@ kernel), so a batch's plans are made once and reused by every layer.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -104,39 +104,32 @@ def ring_plans(
     return found
 
 
-def single_plan(
-    spec: MaskSpec,
-    placement: Placement,
-    rank: int | None,
-    kernel: str,
-    head_offset: int = 0,
-) -> BlockPlan:
-    """One pair against the whole sequence: the queries of ``rank`` (every position when
-    None, as after a Ulysses all-to-all) against every key, as the all-gather and Ulysses
-    strategies compute it in one kernel call (cached)."""
-    every = tuple(range(placement.seq_len // placement.chunk))
-    q_ids = every if rank is None else placement.ids[rank]
-    return _one_pair(
-        (spec.key, q_ids, placement.chunk, kernel, head_offset),
-        spec,
-        Placement(placement.chunk, (q_ids,)).positions(0),
-        lambda: torch.arange(placement.seq_len),
-        kernel,
-        head_offset,
-    )
+def single_plan(spec: MaskSpec, kernel: str, head_offset: int = 0) -> BlockPlan:
+    """One pair: every position against every key, as Ulysses computes it on its heads
+    after the all-to-all, in one kernel call (cached)."""
+
+    def positions() -> tuple[Tensor, Tensor]:
+        every = torch.arange(spec.seq_len)
+        return every, every
+
+    return _cached_pair_plan((spec.key, kernel, head_offset), spec, positions, kernel, head_offset)
 
 
 _SINGLE: dict[tuple, BlockPlan] = {}
 
 
-def _one_pair(
-    key: tuple, spec: MaskSpec, qpos: Tensor, kpos: Any, kernel: str, head_offset: int = 0
+def _cached_pair_plan(
+    key: tuple,
+    spec: MaskSpec,
+    positions: Callable[[], tuple[Tensor, Tensor]],
+    kernel: str,
+    head_offset: int = 0,
 ) -> BlockPlan:
-    """The cached plan of one (query positions, key positions) pair (``kpos`` made on a
-    cache miss only)."""
+    """The cached plan of one pair; ``positions()`` gives its (query, key) positions and
+    runs on a cache miss only."""
     plan = _SINGLE.get(key)
     if plan is None:
-        pair = PairMask.build(spec, qpos, kpos(), head_offset)
+        pair = PairMask.build(spec, *positions(), head_offset)
         plan = block_plan(pair, 0, kernel, keep_empty=True)
         assert plan is not None
         if len(_SINGLE) >= _CACHE_LIMIT:
@@ -151,7 +144,7 @@ def fetched_plan(
     """One pair: the queries of ``rank`` against the keys it fetched (``key_positions``,
     sorted; see :mod:`ringattn.kv_exchange`), as the masked all-gather computes it (cached)."""
     key = (spec.key, placement, rank, kernel, "fetched")
-    return _one_pair(key, spec, placement.positions(rank), lambda: key_positions, kernel)
+    return _cached_pair_plan(key, spec, lambda: (placement.positions(rank), key_positions), kernel)
 
 
 def density(spec: MaskSpec) -> float:

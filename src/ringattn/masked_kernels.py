@@ -75,11 +75,18 @@ def _compiled_flex() -> Any:
     return torch.compile(flex_attention, dynamic=False, fullgraph=True)
 
 
+def _flex_function(device: torch.device) -> Any:
+    """Compiled FlexAttention on CUDA; elsewhere the eager reference implementation
+    (forward only), for tests on CPU."""
+    if device.type == "cuda":
+        return _compiled_flex()
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention
+
+
 def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: Any, scale: float) -> tuple[Tensor, Tensor]:
-    if q.device.type == "cuda":
-        fn = _compiled_flex()
-    else:  # the eager reference implementation (forward only): for tests on CPU
-        from torch.nn.attention.flex_attention import flex_attention as fn
+    fn = _flex_function(q.device)
     if _aux_request() is not None:
         out, aux = fn(
             q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True, return_aux=_aux_request()
@@ -239,15 +246,14 @@ class MaskedBlock:
         return _math_forward(q, k, v, False, scale, mask=mask)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        """Differentiable attention of the whole pair, for a strategy that computes it in one
-        call (all-gather, Ulysses). ``flex`` runs FlexAttention under its own autograd: its
-        backward reads the forward's output and lse, so nothing is recomputed (the ring's
-        blocks cannot do this, see the module docstring). ``math`` runs this block's
-        forward and backward."""
-        if self.kernel == "flex":
-            fn = _compiled_flex() if q.device.type == "cuda" else _eager_flex()
-            return fn(q, k, v, block_mask=self.block_mask(q), scale=scale, enable_gqa=True)
-        return _PairAttention.apply(q, k, v, self, scale)
+        """Differentiable FlexAttention over the whole pair (the ``flex`` kernel), for a
+        strategy that computes it in one call (all-gather, Ulysses): under FlexAttention's
+        own autograd its backward reads the forward's output and lse, so nothing is
+        recomputed (the ring's blocks cannot do this, see the module docstring)."""
+        if self.kernel != "flex":
+            raise ValueError(f"attend runs the flex kernel, not {self.kernel!r}")
+        fn = _flex_function(q.device)
+        return fn(q, k, v, block_mask=self.block_mask(q), scale=scale, enable_gqa=True)
 
     def backward(
         self,
@@ -265,29 +271,6 @@ class MaskedBlock:
         groups = q.size(1) // k.size(1)
         mask = _mask5(self._dense(q), k.size(1), groups)
         return _math_backward(dout, q, k, v, out, lse, aux, False, scale, mask=mask)
-
-
-def _eager_flex() -> Any:
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return flex_attention
-
-
-class _PairAttention(torch.autograd.Function):
-    """One masked pair's forward and backward (the ``math`` kernel) under autograd."""
-
-    @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, block: MaskedBlock, scale: float):  # type: ignore[override]
-        out, lse, aux = block.forward(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.block, ctx.aux, ctx.scale = block, aux, scale
-        return out.to(q.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, dout: Tensor):  # type: ignore[override]
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.block.backward(dout.contiguous(), q, k, v, out, lse, ctx.aux, ctx.scale)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 def _flex_backward(

@@ -38,7 +38,7 @@ from .masked_kernels import masked_kernel_for
 from .masks import Documents, MaskMod, MaskSpec
 from .merge import merge_into
 from .planner import choose_strategy
-from .ring import RingAttentionFunction, RingCall, block_backward, block_forward
+from .ring import RingAttentionFunction, RingCall
 
 __all__ = ["STRATEGIES", "attention"]
 
@@ -294,28 +294,23 @@ class _AllGatherAttention(torch.autograd.Function):
         kernel: Kernel,
         causal: bool,
         scale: float,
-        plan: BlockPlan | None = None,
     ):  # type: ignore[override]
         per_rank = len(local_ids)
         chunk = q.size(2) // per_rank
         k_full, v_full = _gather_kv(k, v, group, ids, per_rank)
         outs, lses, auxes = [], [], []
-        # Under a mask, one pair (all local queries, every key) whose plan says how.
-        blocks = _query_blocks(local_ids, causal, chunk) if plan is None else [(-1, 0, -1, False)]
+        blocks = _query_blocks(local_ids, causal, chunk)
         q_chunks = q.split(chunk, dim=2) if causal else (q,)
         for qi, start, end, block_causal in blocks:
             qb = q_chunks[qi] if qi >= 0 else q
             end = end if end >= 0 else k_full.size(2)
-            if plan is not None:
-                out, lse, aux = block_forward(kernel, plan, q, k_full, v_full, scale)
-            else:
-                out, lse, aux = kernel.forward(
-                    qb,
-                    k_full[:, :, start:end],
-                    v_full[:, :, start:end],
-                    causal=block_causal,
-                    scale=scale,
-                )
+            out, lse, aux = kernel.forward(
+                qb,
+                k_full[:, :, start:end],
+                v_full[:, :, start:end],
+                causal=block_causal,
+                scale=scale,
+            )
             auxes.append(aux)
             if block_causal or not causal:
                 outs.append(out)
@@ -325,13 +320,13 @@ class _AllGatherAttention(torch.autograd.Function):
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=2)
         ctx.save_for_backward(q, k_full, v_full, out, lse)
-        ctx.meta = (group, ids, blocks, auxes, kernel, scale, chunk, k.dtype, plan)
+        ctx.meta = (group, ids, blocks, auxes, kernel, scale, chunk, k.dtype)
         return out
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor):  # type: ignore[override]
         q, k_full, v_full, out, lse = ctx.saved_tensors
-        group, ids, blocks, auxes, kernel, scale, chunk, dtype, plan = ctx.meta
+        group, ids, blocks, auxes, kernel, scale, chunk, dtype = ctx.meta
         dout = dout.contiguous()
         wide = accumulation_dtype(dtype)
         dkv = torch.zeros((2, *k_full.shape), dtype=wide, device=k_full.device)
@@ -339,28 +334,23 @@ class _AllGatherAttention(torch.autograd.Function):
         for (qi, start, end, block_causal), aux in zip(blocks, auxes):
             end = end if end >= 0 else k_full.size(2)
             rows = slice(qi * chunk, (qi + 1) * chunk) if qi >= 0 else slice(None)
-            if plan is not None:
-                dqb, dkb, dvb = block_backward(
-                    kernel, plan, dout, q, k_full, v_full, out, lse, aux, scale
-                )
-            else:
-                dqb, dkb, dvb = kernel.backward(
-                    dout[:, :, rows],
-                    q[:, :, rows],
-                    k_full[:, :, start:end],
-                    v_full[:, :, start:end],
-                    out[:, :, rows],
-                    lse[:, :, rows],
-                    aux,
-                    causal=block_causal,
-                    scale=scale,
-                )
+            dqb, dkb, dvb = kernel.backward(
+                dout[:, :, rows],
+                q[:, :, rows],
+                k_full[:, :, start:end],
+                v_full[:, :, start:end],
+                out[:, :, rows],
+                lse[:, :, rows],
+                aux,
+                causal=block_causal,
+                scale=scale,
+            )
             dq[:, :, rows] += dqb
             dkv[0, :, :, start:end] += dkb
             dkv[1, :, :, start:end] += dvb
         per_rank = len(ids) // comm.group_facts(group)[1]
         dk, dv = (_scatter_by_rank(g, group, ids, per_rank) for g in dkv)
-        return dq.to(q.dtype), dk.to(dtype), dv.to(dtype), *([None] * 7)
+        return dq.to(q.dtype), dk.to(dtype), dv.to(dtype), *([None] * 6)
 
 
 def _allgather(
@@ -550,18 +540,11 @@ def _masked_attention(
         call = masked_call(base, spec, placement, sm.rank, q.device, backend)
         return RingAttentionFunction.apply(q, k, v, call)[0]
     if strategy == "allgather":
-        # Only the keys the rank's queries can see travel, into one masked pair.
+        # Only the keys the rank's queries can see travel, into one pair.
         exchange = kv_exchange(spec, placement, sm.rank)
         plan = fetched_plan(spec, placement, sm.rank, exchange.positions, masked_kernel)
-        if plan.mask is not None:
-            k_ext, v_ext = fetch_kv(k, v, exchange, sm.flat)
-            return plan.mask.attend(q, k_ext, v_ext, base.scale)
-        plan = single_plan(spec, placement, sm.rank, masked_kernel)
-        ids = tuple(c for r in range(sm.size) for c in placement.ids[r])
-        local_ids = placement.ids[sm.rank]
-        return _AllGatherAttention.apply(
-            q, k, v, sm.flat, ids, local_ids, base.kernel, False, base.scale, plan
-        )
+        k_ext, v_ext = fetch_kv(k, v, exchange, sm.flat)
+        return _one_pair(q, k_ext, v_ext, plan, base.kernel, base.scale)
     if strategy == "ulysses":
         inner, inner_size, outer = sm.flat, sm.size, None
     else:
@@ -578,12 +561,10 @@ def _masked_attention(
     qh, kh, vh = (_ToHeads.apply(x, exchange) for x in (q, k, v))
     head_offset = (sm.rank - first) * (q.size(1) // inner_size)
     kernel = select_kernel(backend, qh, kh, vh, causal)
+    kh, vh = kh.contiguous(), vh.contiguous()
     if outer is None:
-        plan = single_plan(spec, placement, None, masked_kernel, head_offset)
-        if plan.mask is not None:
-            out = plan.mask.attend(qh, kh, vh, base.scale)
-            return _ToSequence.apply(out, exchange)
-        call = RingCall(ring=None, plans=(plan,), kernel=kernel, scale=base.scale)
+        plan = single_plan(spec, masked_kernel, head_offset)
+        out = _one_pair(qh, kh, vh, plan, kernel, base.scale)
     else:
         ring_base = RingCall(comm.ring_for(outer), (), kernel, base.scale)
         merged = placement.merged(inner_size)
@@ -591,8 +572,20 @@ def _masked_attention(
         call = masked_call(
             ring_base, spec, merged, outer_rank, q.device, backend, head_offset=head_offset
         )
-    out = RingAttentionFunction.apply(qh, kh.contiguous(), vh.contiguous(), call)[0]
+        out = RingAttentionFunction.apply(qh, kh, vh, call)[0]
     return _ToSequence.apply(out, exchange)
+
+
+def _one_pair(
+    q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, kernel: Kernel, scale: float
+) -> Tensor:
+    """One masked pair in one call: FlexAttention under its own autograd where the pair
+    runs on it (its backward reads the forward's output and lse: nothing recomputed), else
+    the ring's block forward and backward on its single block."""
+    if plan.mask is not None and plan.mask.kernel == "flex":
+        return plan.mask.attend(q, k, v, scale)
+    call = RingCall(ring=None, plans=(plan,), kernel=kernel, scale=scale)
+    return RingAttentionFunction.apply(q, k, v, call)[0]
 
 
 # Masked calls plan per batch in Python; inside a compiled region they run eagerly.

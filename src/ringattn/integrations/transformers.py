@@ -76,6 +76,16 @@ def _window(module: torch.nn.Module, kwargs: Mapping[str, Any]) -> int | None:
 _checked_positions: weakref.ref | None = None
 
 
+def _on_any_rank(flag: Tensor, pg: dist.ProcessGroup) -> bool:
+    """Whether the boolean ``flag`` holds on some rank of ``pg`` (every rank gets the same
+    answer, so all of them raise together)."""
+    found = flag.to(torch.int32).reshape(1)
+    if comm.group_facts(pg)[1] > 1:
+        found = found.to(comm.collective_device(pg, flag.device))
+        dist.all_reduce(found, op=dist.ReduceOp.MAX, group=pg)
+    return bool(found)
+
+
 def _refuse_restarts(positions: Any, group: Any, where: str) -> None:
     """Raise on every rank when position ids restart inside a row without documents.
 
@@ -89,15 +99,10 @@ def _refuse_restarts(positions: Any, group: Any, where: str) -> None:
     if _checked_positions is not None and _checked_positions() is positions:
         return
     pg = comm.resolve_group(group)
-    rank, world_size, _ = comm.group_facts(pg)
     zeros = positions == 0
-    if rank == 0:
+    if comm.group_facts(pg)[0] == 0:
         zeros = zeros[:, 1:]
-    found = zeros.any().to(torch.int32).reshape(1)
-    if world_size > 1:
-        found = found.to(comm.collective_device(pg, positions.device))
-        dist.all_reduce(found, op=dist.ReduceOp.MAX, group=pg)
-    if int(found):
+    if _on_any_rank(zeros.any(), pg):
         raise ValueError(
             f"{where}: position_ids restart at 0 inside a row (a packed batch) but no "
             f"documents were given; pass the batch through shard_batch, whose result carries "
@@ -194,12 +199,7 @@ def _no_mask(
     # ranks' shards only: they agree before any raises.
     if attention_mask is None:
         return None
-    padded = (~attention_mask.bool()).any().to(torch.int32).reshape(1)
-    pg = comm.resolve_group(group)
-    if comm.group_facts(pg)[1] > 1:
-        padded = padded.to(comm.collective_device(pg, attention_mask.device))
-        dist.all_reduce(padded, op=dist.ReduceOp.MAX, group=pg)
-    if int(padded):
+    if _on_any_rank((~attention_mask.bool()).any(), comm.resolve_group(group)):
         raise ValueError(
             f"attn_implementation={NAME!r}: the model was given a padding attention_mask; "
             f"pass the full batch through shard_batch, which turns padding into documents "
