@@ -127,18 +127,18 @@ def ring_attention(
             moves; also when ranks disagree on shapes, dtype or options (checked for each new
             call signature; see :func:`set_cross_rank_check`).
     """
-    masked = documents is not None or window is not None or mask_mod is not None
     compiling = torch.compiler.is_compiling()
-    if masked and compiling and ops.traceable_masks(documents, window, mask_mod):
-        # Documents (a tensor input) and a window (static) go into the one opaque op.
+    if compiling and ops.traceable_masks(documents, window, mask_mod):
+        # One opaque op in the compiled graph; its body is this function, run eagerly.
+        # Documents travel as a tensor input, a window as a static argument.
         out, lse = ops.traced_call(
             "ring", q, k, v, group, causal, scale, layout, backend, "", documents, window
         )
         return (out, lse) if return_lse else out
-    if masked:
+    if documents is not None or window is not None or mask_mod is not None:
         # A mask function is Python the op cannot carry: under torch.compile the call runs
         # eagerly (a graph break; fullgraph=True raises).
-        run = _masked_eager if torch.compiler.is_compiling() else masked_ring_attention
+        run = _masked_eager if compiling else masked_ring_attention
         return run(
             q,
             k,
@@ -153,10 +153,6 @@ def ring_attention(
             window=window,
             mask_mod=mask_mod,
         )
-    if torch.compiler.is_compiling():
-        # One opaque op in the compiled graph; its body is this function, run eagerly.
-        out, lse = ops.traced_call("ring", q, k, v, group, causal, scale, layout, backend)
-        return (out, lse) if return_lse else out
     group = comm.resolve_group(group)
     key = _call_key(group, q, k, v, causal, scale, layout, backend, return_lse)
     call = checked_call(group, q, k, v, causal, scale, layout, backend, return_lse, key)

@@ -46,8 +46,6 @@ ALIGN = 128
 class KVExchange:
     """What one rank fetches and serves under a mask (cached per mask and placement)."""
 
-    rank: int
-    world: int
     positions: Tensor  # sorted global positions of this rank's keys: its own and the fetched
     own_slots: Tensor  # where its own keys sit among them ([S_local], ascending)
     fetch: tuple[tuple[int, Tensor, Tensor], ...]  # (source, source's local indices, slots)
@@ -122,7 +120,7 @@ def kv_exchange(spec: MaskSpec, placement: Placement, rank: int) -> KVExchange:
         idx = torch.nonzero(needs[d][own]).flatten()
         if idx.numel():
             serve.append((d, idx))
-    found = KVExchange(rank, world, every[order], own_slots, tuple(fetch), tuple(serve))
+    found = KVExchange(every[order], own_slots, tuple(fetch), tuple(serve))
     _CACHE[key] = found
     if len(_CACHE) > _CACHE_LIMIT:
         _CACHE.popitem(last=False)

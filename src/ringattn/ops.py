@@ -115,9 +115,10 @@ def _forget(handle: int) -> None:
 
 
 def traceable_masks(documents: Any, window: Any, mask_mod: Any) -> bool:
-    """Whether a masked call can be one op in a compiled graph: no mask function, documents
-    (if any) a :class:`ringattn.Documents`, a window (if any) a pair of ints. Anything else
-    runs eagerly, where the argument checks name what is wrong."""
+    """Whether a call's masks let it be one op in a compiled graph: no mask function,
+    documents (if any) a :class:`ringattn.Documents`, a window (if any) a pair of ints (no
+    masks at all qualify). Anything else runs eagerly, where the argument checks name what
+    is wrong."""
     from .masks import Documents
 
     if mask_mod is not None or not (documents is None or isinstance(documents, Documents)):

@@ -444,23 +444,20 @@ def attention(
     Raises:
         ValueError, TypeError: bad arguments, on every rank, before any data moves.
     """
+    compiling = torch.compiler.is_compiling()
+    if compiling and ops.traceable_masks(documents, window, mask_mod):
+        # One opaque op in the compiled graph; its body is this function, run eagerly.
+        # Documents travel as a tensor input, a window as a static argument.
+        return ops.traced_call(
+            "attention", q, k, v, mesh, causal, scale, layout, backend, strategy,
+            documents, window,
+        )[0]  # fmt: skip
     if documents is not None or window is not None or mask_mod is not None:
-        if torch.compiler.is_compiling() and ops.traceable_masks(documents, window, mask_mod):
-            # Documents (a tensor input) and a window (static) go into the one opaque op.
-            return ops.traced_call(
-                "attention", q, k, v, mesh, causal, scale, layout, backend, strategy,
-                documents, window,
-            )[0]  # fmt: skip
         # A mask function is Python the op cannot carry: under torch.compile the call runs
         # eagerly (a graph break; fullgraph=True raises).
         mask = MaskArguments(documents, window, mask_mod, causal)
-        run = _masked_eager if torch.compiler.is_compiling() else _masked_attention
+        run = _masked_eager if compiling else _masked_attention
         return run(q, k, v, mesh, causal, scale, strategy, layout, backend, mask)
-    if torch.compiler.is_compiling():
-        # One opaque op in the compiled graph; its body is this function, run eagerly.
-        return ops.traced_call(
-            "attention", q, k, v, mesh, causal, scale, layout, backend, strategy
-        )[0]
     key = _call_key(mesh, q, k, v, causal, scale, layout, backend, False)
     planned = _PLANNED.get((key, strategy)) if key is not None else None
     if planned is None:
