@@ -16,6 +16,13 @@ model. Chunks go to ranks greedily, largest first, each to the rank whose larges
 with equal cardinality); swaps of one chunk of the costliest rank against one chunk of
 another then lower the maximum while they can. One permutation serves every batch row, so
 tokens per rank stay equal.
+
+Then locality: the masked all-gather moves to each rank the keys its queries see that other
+ranks hold, so a document spread over many ranks costs traffic and copies. Further swaps,
+each with the rank that must fetch the most chunks, lower that most (then the total) while
+every kind of layer's load stays within :data:`_LOCALITY_SLACK` of the mean (or within the
+balance already reached): on 2 ranks this keeps packed documents' fetch to about a quarter
+of the other rank's keys instead of two thirds, at 0.2% more imbalance.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ __all__ = [
 ]
 
 _MAX_CHUNKS_PER_RANK = 16
+# How far above the mean load the locality swaps may take a rank, for any kind of layer.
+_LOCALITY_SLACK = 0.02
 # The kinds of layer one layout is balanced for at once: causal, bidirectional, and a causal
 # sliding window of 4K (as in Mistral's and Gemma's windowed layers).
 _BALANCED_FOR: tuple[tuple[bool, tuple[int, int] | None], ...] = (
@@ -155,17 +164,32 @@ def balanced_placement(documents: Documents, world_size: int) -> Placement:
             for causal, window in _BALANCED_FOR
         ]
     )
-    ids = _assign(works.view(len(_BALANCED_FOR), chunks, chunk).sum(dim=2), world_size, m)
+    needs = _chunk_needs(MaskSpec.build(documents, True, None, None), chunks, chunk)
+    ids = _assign(works.view(len(_BALANCED_FOR), chunks, chunk).sum(dim=2), world_size, m, needs)
     return Placement(chunk, tuple(tuple(sorted(r)) for r in ids))
 
 
-def _assign(works: Tensor, world_size: int, per_rank: int) -> list[list[int]]:
+def _chunk_needs(spec: MaskSpec, chunks: int, chunk: int) -> Tensor:
+    """Bool ``[chunks, chunks]``: some query of chunk i (any batch row) sees a key of chunk j."""
+    s = spec.seq_len
+    lo, hi = spec.key_interval(torch.arange(s))
+    some = hi >= lo
+    lo = torch.where(some, lo, s).amin(dim=0).view(chunks, chunk).amin(dim=1)
+    hi = torch.where(some, hi, -1).amax(dim=0).view(chunks, chunk).amax(dim=1)
+    first = torch.arange(chunks) * chunk
+    return (first[None] <= hi[:, None]) & (first[None] + chunk - 1 >= lo[:, None])
+
+
+def _assign(
+    works: Tensor, world_size: int, per_rank: int, needs: Tensor | None = None
+) -> list[list[int]]:
     """Chunks to ranks, ``per_rank`` each, for works ``[K, chunks]`` (K kinds of layer).
 
     Each kind's work is normalised to a mean rank load of 1 and a rank's cost is its largest
     load. Greedy, largest chunks first, each to the rank whose cost grows least among those
     with room; then, while it lowers the maximum cost, the best swap of one chunk of the
-    costliest rank against one chunk of another (all candidate swaps priced at once).
+    costliest rank against one chunk of another (all candidate swaps priced at once); then,
+    given ``needs`` (see :func:`_chunk_needs`), the locality swaps of :func:`_localize`.
     """
     kinds, chunks = works.shape
     w = works / works.sum(dim=1, keepdim=True).clamp(min=1e-30) * world_size
@@ -197,4 +221,56 @@ def _assign(works: Tensor, world_size: int, per_rank: int) -> list[list[int]]:
         load[:, top] += w[:, c] - w[:, a]
         load[:, r] += w[:, a] - w[:, c]
         owner[a], owner[c] = r, top
+    if needs is not None and world_size > 1:
+        limit = max(float(load.amax()), 1.0 + _LOCALITY_SLACK)
+        _localize(owner, w, needs, world_size, limit)
     return [(owner == r).nonzero().squeeze(1).tolist() for r in range(world_size)]
+
+
+def _localize(owner: Tensor, w: Tensor, needs: Tensor, world_size: int, limit: float) -> None:
+    """Swap chunks (``owner`` in place) to lower the most chunks any rank fetches, then the
+    total, keeping every rank's load of every kind (``w`` ``[K, chunks]``) within ``limit``.
+
+    A rank fetches the chunks some chunk of its own needs and it does not hold. Each round
+    prices every swap between the rank that fetches most and each other rank at once, and
+    makes the best one; it stops when none helps.
+    """
+    chunks = owner.numel()
+    need = needs.float()
+    eye = torch.eye(chunks)
+    scale = chunks * world_size + 1  # the most first, then the total
+    for _ in range(4 * chunks):
+        own = torch.nn.functional.one_hot(owner, world_size).T.float()  # [N, chunks]
+        count = own @ need  # how many of a rank's chunks need each chunk
+        fetched = ((count > 0) & (own == 0)).sum(dim=1)
+        load = w @ own.T.to(w.dtype)  # [K, N]
+        best, best_score = None, int(fetched.max()) * scale + int(fetched.sum())
+        a = int(fetched.argmax())
+        mine = own[a].nonzero().squeeze(1)
+        for b in range(world_size):
+            if b == a:
+                continue
+            theirs = own[b].nonzero().squeeze(1)
+            # [mine, theirs, chunks]: a gives chunk x and takes y; b the reverse.
+            gain, loss = need[theirs].unsqueeze(0), need[mine].unsqueeze(1)
+            held_a = own[a] - eye[mine].unsqueeze(1) + eye[theirs].unsqueeze(0)
+            held_b = own[b] + eye[mine].unsqueeze(1) - eye[theirs].unsqueeze(0)
+            fetch_a = ((count[a] - loss + gain > 0) & (held_a == 0)).sum(-1)
+            fetch_b = ((count[b] + loss - gain > 0) & (held_b == 0)).sum(-1)
+            move = w[:, theirs].unsqueeze(1) - w[:, mine].unsqueeze(2)  # [K, mine, theirs]
+            fits = ((load[:, a, None, None] + move).amax(0) <= limit) & (
+                (load[:, b, None, None] - move).amax(0) <= limit
+            )
+            others = fetched.clone()
+            others[[a, b]] = 0
+            most = torch.maximum(torch.maximum(fetch_a, fetch_b), others.max())
+            score = most * scale + fetch_a + fetch_b + others.sum()
+            score = score.masked_fill(~fits, best_score + 1)
+            i = int(score.argmin())
+            if int(score.view(-1)[i]) < best_score:
+                best_score = int(score.view(-1)[i])
+                best = (int(mine[i // theirs.numel()]), int(theirs[i % theirs.numel()]), b)
+        if best is None:
+            return
+        x, y, b = best
+        owner[x], owner[y] = b, a

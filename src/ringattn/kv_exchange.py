@@ -50,6 +50,7 @@ class KVExchange:
     own_slots: Tensor  # where its own keys sit among them ([S_local], ascending)
     fetch: tuple[tuple[int, Tensor, Tensor], ...]  # (source, source's local indices, slots)
     serve: tuple[tuple[int, Tensor], ...]  # (destination, this rank's local indices it needs)
+    most_fetched: int  # the most keys any rank of the group fetches (the same on every rank)
     # Device copies of the index tensors above, made on first use (kept with the exchange).
     _on_device: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -97,6 +98,7 @@ def kv_exchange(spec: MaskSpec, placement: Placement, rank: int) -> KVExchange:
     world = placement.world_size
     positions = [placement.positions(r) for r in range(world)]
     needs = [_needed(spec, positions[r]) for r in range(world)]
+    most = max(int(needs[r].sum()) - int(needs[r][positions[r]].sum()) for r in range(world))
     fetch_idx = [
         torch.nonzero(needs[rank][positions[s]]).flatten() if s != rank else None
         for s in range(world)
@@ -120,7 +122,7 @@ def kv_exchange(spec: MaskSpec, placement: Placement, rank: int) -> KVExchange:
         idx = torch.nonzero(needs[d][own]).flatten()
         if idx.numel():
             serve.append((d, idx))
-    found = KVExchange(every[order], own_slots, tuple(fetch), tuple(serve))
+    found = KVExchange(every[order], own_slots, tuple(fetch), tuple(serve), most)
     _CACHE[key] = found
     if len(_CACHE) > _CACHE_LIMIT:
         _CACHE.popitem(last=False)

@@ -139,6 +139,9 @@ class Problem:
     # Whether the ring's masked blocks recompute their forward in the backward (FlexAttention
     # on GPUs); the strategies that compute the pair in one call do not.
     ring_recompute: bool = False
+    # The masked all-gather fetches only the keys its queries can see: the largest share of
+    # the other ranks' K/V that any rank fetches (1: everything, as without a mask).
+    fetched_share: float = 1.0
 
     def check(self) -> None:
         """ValueError naming the field that cannot describe a layer on a cluster."""
@@ -152,6 +155,8 @@ class Problem:
             )
         if not 0.0 <= self.density <= 1.0:
             raise ValueError(f"density must be in [0, 1], got {self.density!r}")
+        if not 0.0 <= self.fetched_share <= 1.0:
+            raise ValueError(f"fetched_share must be in [0, 1], got {self.fetched_share!r}")
         if self.ring_steps is not None and not 1 <= self.ring_steps <= self.gpus:
             raise ValueError(f"ring_steps must be in [1, gpus], got {self.ring_steps!r}")
         if self.dtype not in _DTYPE_BYTES:
@@ -290,10 +295,12 @@ def plan(problem: Problem, calibration: Calibration | None = None) -> list[PlanR
         else:
             compute = _kernel_ms(cal, p, p.heads, local, p.seq_len, False)
         gbs = _link(cal, p, n, p2p=False)
-        gather = kv_local * (n - 1) / (gbs * 1e9) * 1e3
-        scatter = kv_local * (4 / b) * (n - 1) / (gbs * 1e9) * 1e3
+        others = kv_local * (n - 1) * p.fetched_share
+        gather = others / (gbs * 1e9) * 1e3
+        scatter = others * (4 / b) / (gbs * 1e9) * 1e3
         comm = gather + scatter + 2 * cal.latency_us * 1e-3
-        mem = base_mem + kv_local * n * (1 + 4 / b) + kv_local * n * 4 / b
+        held = kv_local + others
+        mem = base_mem + held * (1 + 4 / b) + held * 4 / b
         rows.append(_row("allgather", compute, comm, 0.0, host_call, mem, cal))
 
     for inner in _ulysses_sizes(p):
@@ -340,12 +347,13 @@ def choose_strategy(
     density: float = 1.0,
     ring_steps: int | None = None,
     ring_recompute: bool = False,
+    fetched_share: float = 1.0,
 ) -> str:
     """The strategy ``ringattn.attention(strategy="auto")`` runs for these shards.
 
     Every rank computes the same answer from shapes every rank agreed on and the same
-    calibration file. ``density``, ``ring_steps`` and ``ring_recompute`` price a
-    mask (see :class:`Problem`).
+    calibration file. ``density``, ``ring_steps``, ``ring_recompute`` and
+    ``fetched_share`` price a mask (see :class:`Problem`).
     """
     inner = sm.inner_size if sm.inner is not None else None
     problem = Problem(
@@ -362,6 +370,7 @@ def choose_strategy(
         density=density,
         ring_steps=ring_steps,
         ring_recompute=ring_recompute,
+        fetched_share=fetched_share,
     )
     key = (problem, inner)
     found = _CHOSEN.get(key)

@@ -517,6 +517,8 @@ def _masked_attention(
         strategy = "ring"  # the cost model prices zigzag shards (an even local length)
     if strategy == "auto":
         steps = ring_plans(spec, placement, masked_kernel, sm.rank).steps
+        others = spec.seq_len - q.size(2)
+        fetched = kv_exchange(spec, placement, sm.rank).most_fetched
         strategy = choose_strategy(
             q,
             k,
@@ -526,6 +528,7 @@ def _masked_attention(
             density=_density(spec),
             ring_steps=steps,
             ring_recompute=masked_kernel == "flex",
+            fetched_share=fetched / others if others else 0.0,
         )
     if strategy == "hybrid" and sm.inner is None:
         raise ValueError(
