@@ -48,6 +48,9 @@ __all__ = [
 _MAX_CHUNKS_PER_RANK = 16
 # How far above the mean load the locality swaps may take a rank, for any kind of layer.
 _LOCALITY_SLACK = 0.02
+# At most this many locality swaps per layout (each one prices every candidate at once; a
+# batch's layout stays well under a second of CPU on 16 ranks).
+_LOCALITY_ROUNDS = 64
 # The kinds of layer one layout is balanced for at once: causal, bidirectional, and a causal
 # sliding window of 4K (as in Mistral's and Gemma's windowed layers).
 _BALANCED_FOR: tuple[tuple[bool, tuple[int, int] | None], ...] = (
@@ -232,45 +235,45 @@ def _localize(owner: Tensor, w: Tensor, needs: Tensor, world_size: int, limit: f
     total, keeping every rank's load of every kind (``w`` ``[K, chunks]``) within ``limit``.
 
     A rank fetches the chunks some chunk of its own needs and it does not hold. Each round
-    prices every swap between the rank that fetches most and each other rank at once, and
-    makes the best one; it stops when none helps.
+    prices every swap between the rank that fetches most and any other rank at once (tensors
+    over other rank x its chunk x their chunk x chunks), and makes the best one; it stops
+    when none helps. Every rank holds the same number of chunks, which swaps keep.
     """
     chunks = owner.numel()
-    need = needs.float()
-    eye = torch.eye(chunks)
+    kinds = w.size(0)
+    need = needs.to(torch.int16)  # small integers: half the memory traffic of float32
+    eye = torch.eye(chunks, dtype=torch.int16)
     scale = chunks * world_size + 1  # the most first, then the total
-    for _ in range(4 * chunks):
-        own = torch.nn.functional.one_hot(owner, world_size).T.float()  # [N, chunks]
-        count = own @ need  # how many of a rank's chunks need each chunk
+    for _ in range(min(chunks, _LOCALITY_ROUNDS)):
+        held = torch.argsort(owner, stable=True).view(world_size, -1)  # each rank's chunks
+        own = torch.nn.functional.one_hot(owner, world_size).T.to(torch.int16)  # [N, chunks]
+        count = (own.float() @ need.float()).to(torch.int16)  # a rank's chunks needing each
         fetched = ((count > 0) & (own == 0)).sum(dim=1)
         load = w @ own.T.to(w.dtype)  # [K, N]
-        best, best_score = None, int(fetched.max()) * scale + int(fetched.sum())
         a = int(fetched.argmax())
-        mine = own[a].nonzero().squeeze(1)
-        for b in range(world_size):
-            if b == a:
-                continue
-            theirs = own[b].nonzero().squeeze(1)
-            # [mine, theirs, chunks]: a gives chunk x and takes y; b the reverse.
-            gain, loss = need[theirs].unsqueeze(0), need[mine].unsqueeze(1)
-            held_a = own[a] - eye[mine].unsqueeze(1) + eye[theirs].unsqueeze(0)
-            held_b = own[b] + eye[mine].unsqueeze(1) - eye[theirs].unsqueeze(0)
-            fetch_a = ((count[a] - loss + gain > 0) & (held_a == 0)).sum(-1)
-            fetch_b = ((count[b] + loss - gain > 0) & (held_b == 0)).sum(-1)
-            move = w[:, theirs].unsqueeze(1) - w[:, mine].unsqueeze(2)  # [K, mine, theirs]
-            fits = ((load[:, a, None, None] + move).amax(0) <= limit) & (
-                (load[:, b, None, None] - move).amax(0) <= limit
-            )
-            others = fetched.clone()
-            others[[a, b]] = 0
-            most = torch.maximum(torch.maximum(fetch_a, fetch_b), others.max())
-            score = most * scale + fetch_a + fetch_b + others.sum()
-            score = score.masked_fill(~fits, best_score + 1)
-            i = int(score.argmin())
-            if int(score.view(-1)[i]) < best_score:
-                best_score = int(score.view(-1)[i])
-                best = (int(mine[i // theirs.numel()]), int(theirs[i % theirs.numel()]), b)
-        if best is None:
+        others = torch.tensor([r for r in range(world_size) if r != a])
+        mine, theirs = held[a], held[others]  # [m], [N-1, m]
+        # Indexed [other rank b, a's chunk x, b's chunk y, chunk]: a gives x and takes y.
+        gain, loss = need[theirs].unsqueeze(1), need[mine].view(1, -1, 1, chunks)
+        swap = eye[theirs].unsqueeze(1) - eye[mine].view(1, -1, 1, chunks)
+        fetch_a = ((count[a] - loss + gain > 0) & (own[a] + swap == 0)).sum(-1)
+        count_b = count[others].view(-1, 1, 1, chunks)
+        fetch_b = (count_b + loss - gain > 0) & (own[others].view(-1, 1, 1, chunks) - swap == 0)
+        fetch_b = fetch_b.sum(-1)
+        move = w[:, theirs].unsqueeze(2) - w[:, mine].view(kinds, 1, -1, 1)  # [K, N-1, m, m]
+        fits = ((load[:, a].view(kinds, 1, 1, 1) + move).amax(0) <= limit) & (
+            (load[:, others].view(kinds, -1, 1, 1) - move).amax(0) <= limit
+        )
+        rest = fetched.expand(len(others), world_size).clone()
+        rest[:, a] = 0
+        rest[torch.arange(len(others)), others] = 0
+        most = torch.maximum(torch.maximum(fetch_a, fetch_b), rest.amax(1).view(-1, 1, 1))
+        score = most * scale + fetch_a + fetch_b + rest.sum(1).view(-1, 1, 1)
+        now = int(fetched.max()) * scale + int(fetched.sum())
+        score = score.masked_fill(~fits, now)
+        best = int(score.argmin())
+        if int(score.view(-1)[best]) >= now:
             return
-        x, y, b = best
-        owner[x], owner[y] = b, a
+        b, rest_index = divmod(best, mine.numel() * mine.numel())
+        x, y = divmod(rest_index, mine.numel())
+        owner[int(mine[x])], owner[int(theirs[b, y])] = int(others[b]), a
