@@ -377,6 +377,8 @@ def choose_strategy(
     if found is None:
         rows = plan(problem, load_calibration(device_type=q.device.type))
         allowed = [r for r in rows if r.strategy in ("ring", "allgather") or _allowed(r, sm, inner)]
+        if len(_CHOSEN) >= _CHOSEN_LIMIT:  # a new batch's mask is a new problem
+            _CHOSEN.clear()
         found = _CHOSEN[key] = (allowed[0].strategy if allowed else "ring").split(" ")[0]
     return found
 
@@ -389,3 +391,4 @@ def _allowed(row: PlanRow, sm: Any, inner: int | None) -> bool:
 
 
 _CHOSEN: dict[tuple, str] = {}
+_CHOSEN_LIMIT = 256

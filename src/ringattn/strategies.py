@@ -528,7 +528,7 @@ def _masked_attention(
             density=_density(spec),
             ring_steps=steps,
             ring_recompute=masked_kernel == "flex",
-            fetched_share=fetched / others if others else 0.0,
+            fetched_share=round(fetched / others, 2) if others else 0.0,
         )
     if strategy == "hybrid" and sm.inner is None:
         raise ValueError(
