@@ -2,9 +2,12 @@
 # Everything measured on 4 local GPUs, in one call and in priority order: the masks bench
 # (ringattn beside one GPU), prefill against one GPU, short sequences (8K-16K), PyTorch's
 # context_parallel FlexAttention rows, then the masked GPU tests. Each step has its own time
-# limit so a slow step cannot starve the ones after it.
+# limit so a slow step cannot starve the ones after it. Two more steps run on request: hf1m
+# (the Hugging Face example, a 2.3B model with a 1M-token prompt, prefilled and decoded on
+# 4 GPUs) and cpcheck (PyTorch's CP, then ringattn with cuDNN, in one process on GPUs 0-1).
 # Usage: scripts/four_gpus.sh OUTPUT_DIR [STEPS]
-#   STEPS: any of masks, prefill, short, torchcp, tests (default: all, in that order)
+#   STEPS: any of masks, prefill, short, torchcp, tests, hf1m, cpcheck
+#          (default: the first five, in that order)
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 out="${1:-gpu_results}"
@@ -38,6 +41,20 @@ if has torchcp; then
     echo "== PyTorch's context_parallel with FlexAttention, 4 GPUs"
     launch "${TORCHCP_LIMIT:-70}" torchcp-4 benchmarks/masks_bench.py --torch-cp \
         --cases docs-64K window-128K --iters 3 --warmup 1 --json "$out/masks-torchcp-4.json"
+fi
+if has hf1m; then
+    echo "== Hugging Face: a 2.3B Llama (64/8 heads x 128, hidden 8192, 2 layers), 1M prompt"
+    launch "${HF_LIMIT:-400}" hf-1m examples/hf_generate_long.py --prompt-len 1048576 \
+        --new-tokens 8 --hidden 8192 --intermediate 28672 --layers 2 --heads 64 --kv-heads 8 \
+        --vocab 32000 \
+        --json "$out/hf-1m.json"
+fi
+if has cpcheck; then
+    echo "== PyTorch's context_parallel, then ringattn, in one process (cuDNN, GPUs 0-1)"
+    CUDA_VISIBLE_DEVICES=0,1 timeout "${CP_LIMIT:-120}" python3 -m torch.distributed.run \
+        --standalone --nproc-per-node=2 scripts/gpu_cp_then_ringattn.py \
+        --json "$out/cp-then-ringattn.json" > "$out/cpcheck.log" 2>&1 || status=1
+    tail -4 "$out/cpcheck.log"
 fi
 if has tests; then
     echo "== masked GPU tests (every strategy, bf16 against float64)"
