@@ -304,7 +304,27 @@ def _efficient_backward(dout, q, k, v, out, lse, aux, causal, scale):
     return dq, dk, dv
 
 
+# PyTorch's cuDNN attention (torch <= 2.11) keys its graph cache on q, k and v alone, yet a
+# backward graph bakes in the layouts of out, dout and the lse it was first built with.
+# PyTorch's context_parallel calls it on the same q/k/v blocks with other layouts, so a
+# graph it built could run on this module's tensors (NaN gradients, illegal memory access).
+# A batch of one has a stride that addresses nothing: giving it a value no natural layout
+# has keys this module's calls to graphs of their own. 8 elements keeps it 16-byte aligned.
+_PRIVATE_BATCH_STRIDE_OFFSET = 8
+
+
+def _private_key(*xs: Tensor) -> tuple[Tensor, ...]:
+    """``xs`` with batch stride made private to this module where the batch is one."""
+    if xs[0].size(0) != 1:
+        return xs
+    return tuple(
+        x.as_strided(x.shape, (x.stride(0) + _PRIVATE_BATCH_STRIDE_OFFSET, *x.stride()[1:]))
+        for x in xs
+    )
+
+
 def _cudnn_forward(q, k, v, causal, scale):
+    q, k, v = _private_key(q, k, v)
     out, lse, cum_q, cum_k, _, _, seed, offset, _ = aten._scaled_dot_product_cudnn_attention(
         q, k, v, None, True, 0.0, causal, False, scale=scale
     )
@@ -315,6 +335,7 @@ def _cudnn_forward(q, k, v, causal, scale):
 
 def _cudnn_backward(dout, q, k, v, out, lse, aux, causal, scale):
     cum_q, cum_k, seed, offset, four_d = aux
+    q, k, v = _private_key(q, k, v)
     lse = lse.contiguous()
     if four_d:
         lse = lse.unsqueeze(-1)
