@@ -83,15 +83,91 @@ def _worker(rank, world_size, device, say, case: BenchCase):
             w.wait()
 
     rows.append(("batch_isend_irecv (2+2) + wait", *_host_and_gpu(batched)))
-    desc = list(range(14))
+    desc = [0] * len(checks._FIELDS)
     rows.append(
         (
             "cross-rank check (host group)",
             *_host_and_gpu(lambda: checks._agree_across_ranks(group, device, desc, None)),
         )
     )
+    packed = torch.cat([k, k])
+    packed_in = torch.empty_like(packed)
+    rows.append(
+        (
+            "Ring.shift (1 packed tensor) + wait",
+            *_host_and_gpu(lambda: ring.shift((packed,), (packed_in,)).wait()),
+        )
+    )
+    gathered = torch.empty((world_size, *packed.shape), device=device, dtype=packed.dtype)
+    rows.append(
+        (
+            "all_gather_into (packed)",
+            *_host_and_gpu(lambda: comm.all_gather_into(gathered, packed, group)),
+        )
+    )
+    empty = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        empty.capture_begin()
+        empty.capture_end()
+    rows.append(("CUDAGraph.replay (empty)", *_host_and_gpu(empty.replay)))
+    rows.append(("copy_ (K-sized)", *_host_and_gpu(lambda: bufs[0].copy_(k))))
     rows += _backward_paths(case, device)
+    rows += _graph_parts(case, device)
     return rows, profiles + "\n" + _sync_report(case, device)
+
+
+def _graph_parts(case: BenchCase, device: torch.device) -> list[tuple[str, float, float]]:
+    """Forward+backward with every call replayed as CUDA-graph programs, and where its host
+    time goes (host us per call inside each wrapped function, inclusive)."""
+    from ringattn import api, graphs
+
+    q, k, v, dout = _inputs_for(case, device)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+
+    def step():
+        out = ringattn.ring_attention(q, k, v, causal=True, backend=case.backend)
+        torch.autograd.grad(out, (q, k, v), dout)
+
+    ringattn.set_cuda_graphs(True)
+    rows = [("autograd fwd+bwd, CUDA-graph programs", *_host_and_gpu(step))]
+    spent: dict[str, float] = {}
+    originals = []
+
+    def wrap(owner, name, label):
+        fn = getattr(owner, name)
+        originals.append((owner, name, fn))
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - t0
+
+        setattr(owner, name, timed)
+
+    wrap(api, "checked_call", "  checked_call")
+    wrap(graphs.GraphedRing, "forward", "  GraphedRing.forward")
+    wrap(graphs.GraphedRing, "backward", "  GraphedRing.backward")
+    wrap(graphs._Program, "run", "    _Program.run")
+    wrap(comm.Ring, "shift", "      Ring.shift")
+    wrap(comm.PendingShift, "wait", "      PendingShift.wait")
+    wrap(torch.cuda.CUDAGraph, "replay", "      CUDAGraph.replay")
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(CALLS):
+        step()
+    total = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    for owner, name, fn in originals:
+        setattr(owner, name, fn)
+    ringattn.set_cuda_graphs("auto")
+    rows.append(("  (instrumented fwd+bwd)", total / CALLS * 1e6, 0.0))
+    rows += [(label, t / CALLS * 1e6, 0.0) for label, t in spent.items()]
+    return rows
 
 
 def _inputs_for(case: BenchCase, device: torch.device) -> list[torch.Tensor]:

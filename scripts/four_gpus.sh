@@ -4,9 +4,10 @@
 # context_parallel FlexAttention rows, then the masked GPU tests. Each step has its own time
 # limit so a slow step cannot starve the ones after it. Two more steps run on request: hf1m
 # (the Hugging Face example, a 2.3B model with a 1M-token prompt, prefilled and decoded on
-# 4 GPUs) and cpcheck (PyTorch's CP, then ringattn with cuDNN, in one process on GPUs 0-1).
+# 4 GPUs), cpcheck (PyTorch's CP, then ringattn with cuDNN, in one process on GPUs 0-1) and
+# gputests (the GPU tests but the masked ones).
 # Usage: scripts/four_gpus.sh OUTPUT_DIR [STEPS]
-#   STEPS: any of masks, prefill, short, torchcp, tests, hf1m, cpcheck
+#   STEPS: any of masks, prefill, short, torchcp, tests, hf1m, cpcheck, gputests
 #          (default: the first five, in that order)
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
@@ -33,9 +34,19 @@ if has prefill; then
         --prefill 128K,512K --json "$out/prefill-4.json"
 fi
 if has short; then
-    echo "== short sequences, 4 GPUs"
-    launch "${SHORT_LIMIT:-80}" short-4 benchmarks/short_sequences.py --seq-lens 8192,16384 \
-        --label after-4gpu --json "$out/short-4.json"
+    # Each CUDA-graph mode (SHORT_MODES: off, on, auto, default) on 2 GPUs, then on 4.
+    for mode in ${SHORT_MODES:-off default}; do
+        echo "== short sequences, 2 GPUs, CUDA graphs: $mode"
+        CUDA_VISIBLE_DEVICES=0,1 timeout "${SHORT_LIMIT:-80}" python3 -m torch.distributed.run \
+            --standalone --nproc-per-node=2 benchmarks/short_sequences.py --cuda-graphs "$mode" \
+            --seq-lens 2048,4096,8192,16384,32768 --label "$mode-2gpu" --json "$out/short-2-$mode.json" \
+            > "$out/short-2-$mode.log" 2>&1 || { status=1; echo "-- short-2-$mode failed"; }
+        grep -v -i warn "$out/short-2-$mode.log" | tail -6
+        echo "== short sequences, 4 GPUs, CUDA graphs: $mode"
+        launch "${SHORT_LIMIT:-80}" "short-4-$mode" benchmarks/short_sequences.py \
+            --cuda-graphs "$mode" --seq-lens 4096,8192,16384,32768 --label "$mode-4gpu" \
+            --json "$out/short-4-$mode.json"
+    done
 fi
 if has torchcp; then
     echo "== PyTorch's context_parallel with FlexAttention, 4 GPUs"
@@ -44,7 +55,9 @@ if has torchcp; then
 fi
 if has hf1m; then
     echo "== Hugging Face: a 2.3B Llama (64/8 heads x 128, hidden 8192, 2 layers), 1M prompt"
-    launch "${HF_LIMIT:-400}" hf-1m examples/hf_generate_long.py --prompt-len 1048576 \
+    # 256K tokens per rank: the MLP's activations (14 GiB each) need unfragmented memory.
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+        launch "${HF_LIMIT:-400}" hf-1m examples/hf_generate_long.py --prompt-len 1048576 \
         --new-tokens 8 --hidden 8192 --intermediate 28672 --layers 2 --heads 64 --kv-heads 8 \
         --vocab 32000 \
         --json "$out/hf-1m.json"
@@ -55,6 +68,12 @@ if has cpcheck; then
         --standalone --nproc-per-node=2 scripts/gpu_cp_then_ringattn.py \
         --json "$out/cp-then-ringattn.json" > "$out/cpcheck.log" 2>&1 || status=1
     tail -4 "$out/cpcheck.log"
+fi
+if has gputests; then
+    echo "== GPU tests but the masked ones (kernels, NCCL ring, strategies, CUDA graphs)"
+    timeout "${GPUTESTS_LIMIT:-240}" python3 -m pytest -m gpu -q tests/test_gpu.py -k "not masks" \
+        > "$out/gputests.log" 2>&1 || status=1
+    tail -15 "$out/gputests.log"
 fi
 if has tests; then
     echo "== masked GPU tests (every strategy, bf16 against float64)"

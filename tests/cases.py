@@ -331,7 +331,7 @@ def run_check_modes(rank: int, world: int) -> dict:
                 ringattn.ring_attention(q, k, k, causal=True), eager
             )
         finally:
-            ringattn.set_cuda_graphs(False)
+            ringattn.set_cuda_graphs("auto")
         ringattn.set_cross_rank_check("never")
         before = len(calls)
         ringattn.ring_attention(q2, k2, k2, causal=True)

@@ -50,7 +50,8 @@ def _entry(
             torch.save(fn(rank, world_size, *args), buffer)
             results.put((rank, "ok", buffer.getvalue()))
         finally:
-            dist.destroy_process_group()
+            if dist.is_initialized():  # a worker may have destroyed it (teardown checks)
+                dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - report anything to the parent
         results.put((rank, "error", traceback.format_exc()))
 

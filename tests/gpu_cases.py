@@ -9,14 +9,16 @@ tests/judge.py. Sizes: batch 2, 8 query heads, head dim 128, 1024 tokens per ran
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ringattn
-from ringattn import merge
+from ringattn import api, merge
 from ringattn.reference import attention
 
 from judge import errors
@@ -165,16 +167,18 @@ def run_nccl(rank: int, world: int) -> list[dict]:
             "zigzag",
         )
 
-    # CUDA graphs: one signature called on inputs A, B, A (captured on the first call,
-    # replayed after), every forward before the backwards as in a model's layers.
-    ringattn.set_cuda_graphs(True)
+    # CUDA graphs: one signature called on inputs A, B, A (recorded on the first call,
+    # replayed after), every forward before the backwards as in a model's layers. "first":
+    # only rank 0 replays while the others run the eager ring (ranks need not agree).
     try:
         graph_configs = [
-            ("cudnn", "bfloat16", True, "zigzag", 8),
-            ("flash", "float16", True, "zigzag", 2),
-            ("cudnn", "float16", False, "contiguous", 8),
+            ("cudnn", "float16", False, "contiguous", 8, "first"),
+            ("flash", "float16", True, "zigzag", 2, "all"),
+            ("cudnn", "bfloat16", True, "zigzag", 2, "first"),
+            ("cudnn", "bfloat16", True, "zigzag", 8, "all"),
         ]
-        for i, (backend, dtype, causal, layout, kv) in enumerate(graph_configs):
+        for i, (backend, dtype, causal, layout, kv, replaying) in enumerate(graph_configs):
+            ringattn.set_cuda_graphs(replaying == "all" or rank == 0)
             sets = [_inputs(500 + 2 * i + j, tokens, kv, dtype, batch=1) for j in range(2)]
             outs, leaves_per_call, douts = [], [], []
             for full in (sets[0], sets[1], sets[0]):
@@ -191,10 +195,18 @@ def run_nccl(rank: int, world: int) -> list[dict]:
             ):
                 got = {"out": out, **{n: x.grad for n, x in zip(FIELDS[1:], leaves)}}
                 mask = "causal" if causal else "full"
-                row_id = f"graphs-{backend}-{dtype}-{mask}-{layout}-kv{kv}-call{call}"
+                row_id = f"graphs-{replaying}-{backend}-{dtype}-{mask}-{layout}-kv{kv}-call{call}"
                 record(row_id, dtype, full, causal, backend, got, None, layout)
+        # Teardown with the last programs alive: they hold no NCCL work, so it must not wait.
+        programs = len(api._GRAPHED)
+        start = time.perf_counter()
+        dist.destroy_process_group()
+        if rank == 0:
+            rows.append(
+                {"id": "teardown", "programs": programs, "seconds": time.perf_counter() - start}
+            )
     finally:
-        ringattn.set_cuda_graphs(False)
+        ringattn.set_cuda_graphs("auto")
         merge.merge_triton = fused
     if rank == 0:
         rows.append({"id": "triton-merges", "count": len(triton_merges)})

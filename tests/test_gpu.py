@@ -95,9 +95,16 @@ def test_strategies_over_nccl(nccl_rows, strategy: str) -> None:
 
 def test_cuda_graph_replay_matches_float64(nccl_rows) -> None:
     rows = _select(nccl_rows, "graphs-")
-    assert len(rows) == 9
+    assert len(rows) == 12
+    assert len(_select(rows, "graphs-first-")) == 6  # rank 0 replays, the others run eagerly
     bad = _failures(rows)
     assert not bad, "\n".join(bad)
+
+
+def test_teardown_with_cuda_graphs_alive(nccl_rows) -> None:
+    (row,) = _select(nccl_rows, "teardown")
+    assert row["programs"] == 1
+    assert row["seconds"] < 30
 
 
 def test_the_ring_merged_with_the_triton_kernel(nccl_rows) -> None:

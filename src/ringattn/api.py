@@ -6,6 +6,7 @@ turns a checked call into the ring's autograd function (or its CUDA-graph replay
 
 from __future__ import annotations
 
+import logging
 from typing import Literal, overload
 
 import torch
@@ -15,11 +16,13 @@ from torch import Tensor
 from . import comm, ops
 from .balance import balanced_placement
 from .checks import CheckMode, _call_key, checked_call, set_cross_rank_check
-from .graphs import GraphedRing, GraphedRingFunction
+from .graphs import GraphedRing, GraphedRingFunction, RecordingFailed
 from .layout import LAYOUTS, shard_for_rank, unshard_shards
 from .mask_calls import masked_ring_attention
 from .masks import Documents, MaskMod
-from .ring import RingAttentionFunction
+from .ring import RingAttentionFunction, RingCall
+
+logger = logging.getLogger("ringattn")
 
 __all__ = [
     "CheckMode",
@@ -158,21 +161,38 @@ def ring_attention(
     call = checked_call(group, q, k, v, causal, scale, layout, backend, return_lse, key)
     assert isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
     k, v = k.contiguous(), v.contiguous()
-    if _cuda_graphs and key is not None and call.ring is not None and q.is_cuda:
-        graphed = _GRAPHED.get(key)
-        if graphed is None and _cuda_graphs == "auto" and not _graph_now(key, q, k):
-            out, lse = RingAttentionFunction.apply(q, k, v, call)
+    graphed = _graphed_ring(key, q, k, v, call)
+    if graphed is not None:
+        try:
+            out, lse = GraphedRingFunction.apply(q, k, v, graphed)
             return (out, lse) if return_lse else out
-        if graphed is None:
-            if len(_GRAPHED) >= _GRAPHED_LIMIT:
-                # Callers never hold graph memory (results are copied out), so the oldest
-                # signature's graphs can go; a pending backward keeps its own alive.
-                del _GRAPHED[next(iter(_GRAPHED))]
-            graphed = _GRAPHED[key] = GraphedRing(q, k, v, call)
-        out, lse = GraphedRingFunction.apply(q, k, v, graphed)
-    else:
-        out, lse = RingAttentionFunction.apply(q, k, v, call)
+        except RecordingFailed as err:
+            # Recording moves no data, so running this call eagerly keeps ranks in step.
+            logger.warning("ringattn: this call signature runs eagerly from now on (%s)", err)
+            _GRAPHED.pop(key, None)
+            _EAGER_ONLY.add(key)
+    out, lse = RingAttentionFunction.apply(q, k, v, call)
     return (out, lse) if return_lse else out
+
+
+def _graphed_ring(
+    key: tuple | None, q: Tensor, k: Tensor, v: Tensor, call: RingCall
+) -> GraphedRing | None:
+    """The CUDA-graph programs for this call, or None where it runs eagerly."""
+    if not _cuda_graphs or key is None or call.ring is None or not q.is_cuda:
+        return None
+    graphed = _GRAPHED.get(key)
+    if graphed is not None:
+        return graphed
+    ranks = call.ring.size
+    if key in _EAGER_ONLY or (_cuda_graphs == "auto" and not _graph_now(key, q, k, ranks)):
+        return None
+    if len(_GRAPHED) >= _GRAPHED_LIMIT:
+        # Callers never hold program memory (results are copied out), so the oldest
+        # signature's programs can go; a pending backward keeps its own alive.
+        del _GRAPHED[next(iter(_GRAPHED))]
+    graphed = _GRAPHED[key] = GraphedRing(q, k, v, call)
+    return graphed
 
 
 def _ring_entry(q, k, v, group, causal, scale, layout, backend, strategy, **masks):  # noqa: ANN001
@@ -192,26 +212,30 @@ def _ring_entry(q, k, v, group, causal, scale, layout, backend, strategy, **mask
 
 ops.register_entry("ring", _ring_entry)
 
-# Off by default: PyTorch's destroy_process_group() hangs while CUDA graphs that captured
-# NCCL transfers are alive (pytorch/pytorch#115388), so a process that replays graphs must
-# call set_cuda_graphs(False), which frees them, before destroying its process group.
-_cuda_graphs: bool | str = False
+# "auto" by default. The programs keep NCCL out of their graphs (see graphs.py), so they
+# are safe to keep alive through destroy_process_group() and need no agreement between
+# ranks on when to record.
+_cuda_graphs: bool | str = "auto"
 _GRAPHED: dict[tuple, GraphedRing] = {}
 _GRAPHED_LIMIT = 8
-# "auto": a signature is captured on its third call (every rank makes the same calls, so
-# every rank captures together), and only while one ring step's attention is small, where
-# issuing the work costs the host more than the GPU takes to run it. B*H*S_q*S_k*D of a
-# step: 1.7e10 at 4K tokens on 2 ranks (32 heads x 128), where replay is 1.7x faster on
-# 2x H200; 6.9e10 at 8K, where the copies in and out cost more than replay saves.
-_AUTO_GRAPH_WORK = 3.4e10
+_EAGER_ONLY: set[tuple] = set()
+# "auto": a signature is recorded on its third call (the first ones build kernel plans),
+# and only while one ring step's attention is small, where issuing the work costs the host
+# more than the GPU takes to run it. The measure is B*H*S_q*S_k*D of a full-shard step per
+# rank of the ring: replay saves host time on every step (as many as ranks) and costs
+# copies in and out once per call. Measured on 2 and 4 H100s (32/8 heads x 128, causal,
+# forward+backward): replay wins at 4K tokens on 2 ranks (1.7e10 / 2) and at 8K-16K on 4
+# (up to 6.9e10 / 4); on 2 ranks at 8K (6.9e10 / 2) the copies cost more than it saves.
+_AUTO_GRAPH_WORK_PER_RANK = 1.8e10
 _AUTO_GRAPH_CALLS = 3
 _SEEN: dict[tuple, int] = {}
 
 
-def _graph_now(key: tuple, q: Tensor, k: Tensor) -> bool:
-    """Whether the automatic mode captures this signature now (see ``_AUTO_GRAPH_WORK``)."""
+def _graph_now(key: tuple, q: Tensor, k: Tensor, ranks: int) -> bool:
+    """Whether the automatic mode records this signature now (see
+    ``_AUTO_GRAPH_WORK_PER_RANK``)."""
     work = q.size(0) * q.size(1) * q.size(2) * k.size(2) * q.size(3)
-    if work > _AUTO_GRAPH_WORK or torch.cuda.is_current_stream_capturing():
+    if work > _AUTO_GRAPH_WORK_PER_RANK * ranks or torch.cuda.is_current_stream_capturing():
         return False  # long steps; or inside someone else's capture, which records us
     seen = _SEEN.get(key, 0) + 1
     if len(_SEEN) >= 1024:
@@ -221,28 +245,28 @@ def _graph_now(key: tuple, q: Tensor, k: Tensor) -> bool:
 
 
 def set_cuda_graphs(enabled: bool | Literal["auto"]) -> None:
-    """Replay call signatures' rings as CUDA graphs: False (default), ``"auto"`` or True.
+    """Replay rings as CUDA graphs: ``"auto"`` (default), True, or False.
 
-    Made for short sequences, where issuing a call's kernels and transfers takes the host
-    longer than the GPU takes to run them. A captured signature's later calls copy their
-    inputs in, launch one graph, and copy the results out (the capture, forward and then
-    backward, is a call that every rank of the group makes, as for any call). The graphs
-    and their buffers of the 8 most recent signatures are kept.
+    Made for short sequences, where issuing a call's kernels takes the host longer than the
+    GPU takes to run them. A recorded signature's later calls copy their inputs in, launch
+    one graph per stretch of compute between the ring's transfers (the transfers stay
+    ordinary NCCL calls), and copy the results out. The programs and buffers of the 8 most
+    recent signatures are kept; this call frees them.
 
-    - ``"auto"``: CUDA tensors on 2+ ranks whose per-step attention is small (up to about
-      4K tokens per rank at 32 heads x 128: B*H*S_q*S_k*D <= 3.4e10), from a signature's
-      third call; never while the current stream is being captured (CUDA graphs or
-      ``torch.compile(mode="reduce-overhead")`` record the eager ring instead). On 2x H200
-      (causal cuDNN, GQA 32/8, forward+backward, back to back) this gives 1.25x one GPU at
-      4K tokens where the eager ring gives about 0.5x.
+    - ``"auto"`` (default): CUDA tensors on 2+ ranks whose per-step attention is small
+      (B*H*S_q*S_k*D of a full shard <= 1.8e10 per rank of the group: 4K tokens on 2
+      ranks, 16K on 4, at 32 heads x 128), from a signature's third call; never while
+      the current stream is being captured (CUDA graphs or
+      ``torch.compile(mode="reduce-overhead")`` record the eager ring instead). A
+      signature whose compute CUDA graphs cannot capture runs eagerly from then on
+      (logged as a warning).
     - ``True``: every CUDA call on 2+ ranks, from its first call (also for long sequences,
       where the copies cost more than replay saves, and for shapes that change from step
-      to step, which capture again each time).
-    - ``False`` (default): never; frees the graphs kept so far.
+      to step, which record again each time).
+    - ``False``: never.
 
-    Call ``set_cuda_graphs(False)`` before ``torch.distributed.destroy_process_group()``:
-    PyTorch's NCCL teardown waits for CUDA graphs that captured NCCL transfers, and hangs
-    while they are alive.
+    Ranks need not agree on this setting: a replaying rank issues the same transfers, in
+    the same order, as an eager one.
     """
     global _cuda_graphs
     if enabled != "auto" and not isinstance(enabled, bool):
@@ -250,6 +274,7 @@ def set_cuda_graphs(enabled: bool | Literal["auto"]) -> None:
     _cuda_graphs = enabled
     _GRAPHED.clear()
     _SEEN.clear()
+    _EAGER_ONLY.clear()
 
 
 def _check_shard_arguments(

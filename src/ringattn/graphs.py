@@ -1,88 +1,254 @@
-"""CUDA-graph replay of the ring for one call signature (opt-in, CUDA only).
+"""CUDA-graph replay of the ring for one call signature (CUDA only).
 
-For short sequences the host needs longer to issue a ring call's kernels and transfers than
-the GPU needs to run them. Captured once per call signature, a forward (and a backward) is
-one graph launch plus copies in and out of the graph's own buffers.
+For short sequences the host needs longer to issue a ring call's kernels than the GPU needs
+to run them. A signature's forward, and its backward, are each recorded once as a
+*program*: CUDA graphs of the compute between the ring's transfers, with the transfers
+themselves left out of the graphs. Replaying a program launches each graph and issues each
+transfer (an ordinary NCCL send/receive on the program's own buffers) in recorded order, so
+a ring step costs the host one graph launch and one transfer launch instead of dozens of
+kernel launches.
 
-Every call copies its inputs into the graph's input buffers and its results out of the
-graph's output buffers, so any number of calls with one signature (the layers of a model)
-can be in flight between forward and backward: nothing a caller holds lives in graph memory.
+Keeping NCCL out of the graphs is what makes replay safe by default:
+
+- nothing of the process group is captured, so ``destroy_process_group()`` never waits
+  on a graph (it hangs while graphs that captured NCCL work are alive);
+- a replaying rank and an eager rank issue the same transfers in the same order, so ranks
+  need not decide together whether to replay;
+- recording moves no data: the pass that records runs no transfer at all (its compute is
+  captured, not run), and a warm-up pass before it runs the compute with the transfers
+  left out, so a recording that fails costs nothing but falling back to the eager ring.
+
+Every call copies its inputs into the program's buffers and its results out, so any number
+of calls with one signature (the layers of a model) can be in flight between forward and
+backward: nothing a caller holds lives in graph memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .comm import PendingShift, Ring
 from .ring import RingCall, _ring_backward, _ring_forward
 
-__all__ = ["GraphedRing", "GraphedRingFunction"]
+__all__ = ["GraphedRing", "GraphedRingFunction", "RecordingFailed"]
+
+logger = logging.getLogger("ringattn")
 
 
-def _capture(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
-    """Warm ``fn`` up on a side stream (plans, compilation, connections), then capture it.
+class RecordingFailed(RuntimeError):
+    """Recording a program failed (an operation CUDA graphs cannot capture); run eagerly."""
 
-    Returns the graph and what ``fn`` returned during capture (its tensors live in the
-    graph's memory and are rewritten by every replay). The graph has not run yet.
+
+@dataclass(frozen=True)
+class _Transfer:
+    """One ring shift of the program, on buffers that the program keeps alive."""
+
+    send: tuple[Tensor, ...]
+    recv: tuple[Tensor, ...]
+    reverse: bool
+    what: str
+
+
+@dataclass(frozen=True)
+class _Wait:
+    transfer: _Transfer
+
+
+_Step = torch.cuda.CUDAGraph | _Transfer | _Wait
+
+
+class _Program:
+    """Graphs and transfers in the order they were recorded; ``run`` replays them."""
+
+    def __init__(self, steps: list[_Step], ring: Ring) -> None:
+        self.steps = steps
+        self.ring = ring
+
+    def run(self) -> None:
+        pending: dict[int, PendingShift] = {}
+        for step in self.steps:
+            if isinstance(step, _Transfer):
+                pending[id(step)] = self.ring.shift(
+                    step.send, step.recv, reverse=step.reverse, what=step.what
+                )
+            elif isinstance(step, _Wait):
+                pending.pop(id(step.transfer)).wait()
+            else:
+                step.replay()
+
+
+class _Recorder:
+    """Captures compute into a new graph segment at every transfer and every wait."""
+
+    def __init__(self) -> None:
+        self.pool = torch.cuda.graph_pool_handle()  # one pool: segments replay in order
+        self.steps: list[_Step] = []
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def begin(self) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: other threads (data loaders pinning memory) stay free to call CUDA.
+        self.graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+
+    def cut(self) -> None:
+        self.end()
+        self.begin()
+
+    def end(self) -> None:
+        assert self.graph is not None
+        graph, self.graph = self.graph, None
+        with warnings.catch_warnings():
+            # A segment between two transfers may hold no work; an empty graph replays as
+            # a no-op.
+            warnings.filterwarnings("ignore", message=".*CUDA Graph is empty.*")
+            graph.capture_end()
+        self.steps.append(graph)
+
+    def abort(self) -> None:
+        if self.graph is not None:
+            graph, self.graph = self.graph, None
+            try:
+                graph.capture_end()
+            except Exception:  # noqa: BLE001 - the capture already failed; its error is raised
+                pass
+
+
+class _RecordingRing:
+    """Stands in for the :class:`Ring` while recording: a shift becomes a program step."""
+
+    def __init__(self, recorder: _Recorder) -> None:
+        self.recorder = recorder
+
+    def shift(
+        self,
+        send: Sequence[Tensor],
+        recv: Sequence[Tensor],
+        *,
+        reverse: bool = False,
+        what: str = "a ring transfer",
+    ) -> _RecordedShift:
+        transfer = _Transfer(tuple(send), tuple(recv), reverse, what)
+        self.recorder.cut()
+        self.recorder.steps.append(transfer)
+        return _RecordedShift(self.recorder, transfer)
+
+
+@dataclass
+class _RecordedShift:
+    recorder: _Recorder
+    transfer: _Transfer
+
+    def wait(self) -> None:
+        self.recorder.cut()
+        self.recorder.steps.append(_Wait(self.transfer))
+
+
+class _SilentRing:
+    """Stands in for the :class:`Ring` in the warm-up pass: no transfer (buffers keep
+    whatever they held; the pass's results are thrown away)."""
+
+    def shift(self, send: Sequence[Tensor], recv: Sequence[Tensor], **_: Any) -> PendingShift:
+        return PendingShift([])
+
+
+def _record(call: RingCall, fn: Callable[[RingCall], Any]) -> tuple[_Program, Any]:
+    """Warm ``fn`` up on a side stream without transfers, then record it as a program.
+
+    Returns the program and what ``fn`` returned while recording (its tensors live in the
+    program's memory and are rewritten by every run). The program has not run yet.
+    Raises :class:`RecordingFailed` if CUDA graphs cannot capture ``fn``'s compute.
     """
+    assert isinstance(call.ring, Ring)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
+    recorder = _Recorder()
+    try:
+        with torch.cuda.stream(side):
+            # Lazily built state (kernel plans, workspaces) is made here, not while capturing.
+            fn(dataclasses.replace(call, ring=_SilentRing()))
+            side.synchronize()
+            recorder.begin()
+            outputs = fn(dataclasses.replace(call, ring=_RecordingRing(recorder)))
+            recorder.end()
+    except Exception as err:
+        recorder.abort()
+        raise RecordingFailed(f"{type(err).__name__}: {str(err).splitlines()[0][:200]}") from err
     torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = fn()
-    return graph, outputs
+    return _Program(recorder.steps, call.ring), outputs
+
+
+def _copy_all(dsts: Sequence[Tensor], srcs: Sequence[Tensor]) -> None:
+    """``dst.copy_(src)`` for each pair, in one multi-tensor launch per dtype where it can."""
+    torch._foreach_copy_(list(dsts), list(srcs))
+
+
+def _clone_all(xs: Sequence[Tensor]) -> list[Tensor]:
+    """Copies of ``xs`` (new memory, contiguous), made with :func:`_copy_all`."""
+    out = [torch.empty_like(x, memory_format=torch.contiguous_format) for x in xs]
+    _copy_all(out, xs)
+    return out
 
 
 class GraphedRing:
-    """The forward and backward graphs of one call signature, captured on first use."""
+    """The forward and backward programs of one call signature, recorded on first use."""
 
     def __init__(self, q: Tensor, k: Tensor, v: Tensor, call: RingCall) -> None:
         self.call = call
         self.inputs = tuple(torch.empty_like(x) for x in (q, k, v))
-        self.forward_graph: torch.cuda.CUDAGraph | None = None
-        self.backward_graph: torch.cuda.CUDAGraph | None = None
+        self.forward_program: _Program | None = None
+        self.forward_outputs: tuple[Any, ...] = ()
+        self.backward_program: _Program | None = None
+        self.backward_outputs: tuple[Tensor, ...] = ()
         self.dout: Tensor | None = None
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, ...]:
-        """``(out, lse, aux, k_last, v_last)`` in graph memory (copy what you keep)."""
-        for static, x in zip(self.inputs, (q, k, v)):
-            static.copy_(x)
-        if self.forward_graph is None:
-            self.forward_graph, self.forward_outputs = _capture(
-                lambda: _ring_forward(*self.inputs, self.call)
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Any, ...]:
+        """``(out, lse, aux, k_last, v_last)`` in program memory (copy what you keep).
+
+        Raises :class:`RecordingFailed` (before any transfer) if the first call cannot be
+        recorded.
+        """
+        if self.forward_program is None:
+            self.forward_program, self.forward_outputs = _record(
+                self.call, lambda call: _ring_forward(*self.inputs, call)
             )
-        self.forward_graph.replay()
+        _copy_all(self.inputs, (q, k, v))
+        self.forward_program.run()
         return self.forward_outputs
 
     def backward(self, dout: Tensor, saved: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        """``(dq, dk, dv)`` in graph memory for the call whose tensors ``saved`` holds.
+        """``(dq, dk, dv)`` for the call whose tensors ``saved`` holds; program memory
+        unless the backward could not be recorded (then the eager ring's own tensors).
 
         ``saved`` is ``(q, k, v, out, lse, k_last, v_last)`` of that call.
         """
-        assert self.forward_graph is not None
-        q, k, v, out, lse, k_last, v_last = saved
+        assert self.forward_program is not None
         f_out, f_lse, aux, f_k_last, f_v_last = self.forward_outputs
         if self.dout is None:
             self.dout = torch.empty_like(dout, memory_format=torch.contiguous_format)
-        pairs = zip(
-            (self.dout, *self.inputs, f_out, f_lse, f_k_last, f_v_last),
-            (dout, q, k, v, out, lse, k_last, v_last),
-        )
-        for static, x in pairs:
-            static.copy_(x)
-        if self.backward_graph is None:
-            self.backward_graph, self.backward_outputs = _capture(
-                lambda: _ring_backward(
-                    self.dout, *self.inputs, f_out, f_lse, aux, f_k_last, f_v_last, self.call
+        if self.backward_program is None:
+            try:
+                self.backward_program, self.backward_outputs = _record(
+                    self.call,
+                    lambda call: _ring_backward(
+                        self.dout, *self.inputs, f_out, f_lse, aux, f_k_last, f_v_last, call
+                    ),
                 )
-            )
-        self.backward_graph.replay()
+            except RecordingFailed as err:
+                logger.warning("ringattn: running this backward eagerly (%s)", err)
+                q, k, v, out, lse, k_last, v_last = saved
+                return _ring_backward(
+                    dout.contiguous(), q, k, v, out, lse, aux, k_last, v_last, self.call
+                )
+        _copy_all((self.dout, *self.inputs, f_out, f_lse, f_k_last, f_v_last), (dout, *saved))
+        self.backward_program.run()
         return self.backward_outputs
 
 
@@ -92,9 +258,11 @@ class GraphedRingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, graphed: GraphedRing):  # type: ignore[override]
         out, lse, _, k_last, v_last = graphed.forward(q, k, v)
-        out, lse = out.clone(), lse.clone()
         if any(ctx.needs_input_grad[:3]):
-            ctx.save_for_backward(q, k, v, out, lse, k_last.clone(), v_last.clone())
+            out, lse, k_last, v_last = _clone_all((out, lse, k_last, v_last))
+            ctx.save_for_backward(q, k, v, out, lse, k_last, v_last)
+        else:
+            out, lse = _clone_all((out, lse))
         ctx.graphed = graphed
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -102,4 +270,4 @@ class GraphedRingFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dout: Tensor, _dlse: Tensor | None):  # type: ignore[override]
         grads = ctx.graphed.backward(dout, ctx.saved_tensors)
-        return (*(g.clone() for g in grads), None)
+        return (*_clone_all(grads), None)

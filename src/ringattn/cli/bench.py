@@ -51,7 +51,7 @@ METHODS: tuple[str, ...] = (
     "ringattn-contiguous",
 )
 # Also available: "ringattn-zigzag-graphs" (ringattn.set_cuda_graphs(True); CUDA only),
-# "ringattn-zigzag-auto" (set_cuda_graphs("auto")), and
+# "ringattn-zigzag-eager" (set_cuda_graphs(False)), and
 # ringattn.attention's other strategies: "ringattn-allgather", "ringattn-ulysses",
 # "ringattn-hybrid" (on an N/2 x 2 mesh) and "ringattn-auto" (the planner's pick).
 STRATEGY_METHODS = ("allgather", "ulysses", "hybrid", "auto")
@@ -359,12 +359,14 @@ def _ringattn(
 ) -> Iterator[tuple]:
     import ringattn
 
-    # "-graphs": always replay; "-auto": set_cuda_graphs("auto"); else the default (off).
-    graphs: bool | str = False
+    # "-graphs": always replay; "-eager": never; else the default ("auto").
+    graphs: bool | str = "auto"
     if layout.endswith("-graphs"):
         graphs, layout = True, layout.removesuffix("-graphs")
+    elif layout.endswith("-eager"):
+        graphs, layout = False, layout.removesuffix("-eager")
     elif layout.endswith("-auto"):
-        graphs, layout = "auto", layout.removesuffix("-auto")
+        layout = layout.removesuffix("-auto")
     ringattn.set_cuda_graphs(graphs)  # type: ignore[arg-type]
 
     shards = [ringattn.shard(x, layout=layout).contiguous() for x in _inputs(case, device, seed)]
@@ -378,7 +380,7 @@ def _ringattn(
     try:
         yield _attention_step(attend, q, k, v, dout, case.mode == "fwd+bwd"), _nbytes(*shards)
     finally:
-        ringattn.set_cuda_graphs(False)
+        ringattn.set_cuda_graphs("auto")
 
 
 @contextlib.contextmanager

@@ -176,7 +176,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--methods",
         type=_names,
-        help=f"comma list of {', '.join(METHODS)}, ringattn-zigzag-graphs, "
+        help=f"comma list of {', '.join(METHODS)}, ringattn-zigzag-graphs, ringattn-zigzag-eager, "
         + ", ".join(f"ringattn-{name}" for name in STRATEGY_METHODS),
     )
     p.add_argument("--ranks", type=int, help="local ranks (default: all GPUs, or 2 on the CPU)")
