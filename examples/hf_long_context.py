@@ -9,6 +9,7 @@ part of the batch. Run on CPUs or GPUs:
 ``--attention sdpa`` runs the same model on one process with PyTorch's SDPA instead, the
 baseline (``python examples/hf_long_context.py --attention sdpa``). Prints the loss (the
 one-process value), tokens/s and peak memory per step; ``--json`` also writes them to a file.
+``--compile`` runs the model under ``torch.compile`` (its first step compiles).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3)
     add_model_arguments(p)
     p.add_argument("--json", default=None, help="write the run's numbers to this file")
+    p.add_argument("--compile", action="store_true", help="torch.compile(model) first")
     return p.parse_args()
 
 
@@ -102,6 +104,9 @@ def main() -> None:
             dtype=torch.bfloat16 if cuda else torch.float32,
         )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if args.compile:
+        # The attention function is one custom op in the graph; the first step compiles.
+        model = torch.compile(model)
     ids = torch.randint(0, args.vocab, (1, args.seq_len), device=device)
     batch = {"input_ids": ids, "labels": ids}
     part = ringattn_hf.shard_batch(batch) if ringattn else batch
@@ -109,6 +114,7 @@ def main() -> None:
         "attention": args.attention,
         "ranks": world,
         "seq_len": args.seq_len,
+        "compiled": args.compile,
         "parameters": sum(p.numel() for p in model.parameters()),
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "steps": [],

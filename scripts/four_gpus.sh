@@ -4,10 +4,11 @@
 # context_parallel FlexAttention rows, then the masked GPU tests. Each step has its own time
 # limit so a slow step cannot starve the ones after it. Two more steps run on request: hf1m
 # (the Hugging Face example, a 2.3B model with a 1M-token prompt, prefilled and decoded on
-# 4 GPUs), cpcheck (PyTorch's CP, then ringattn with cuDNN, in one process on GPUs 0-1) and
-# gputests (the GPU tests but the masked ones).
+# 4 GPUs), cpcheck (PyTorch's CP, then ringattn with cuDNN, in one process on GPUs 0-1),
+# gputests (the GPU tests but the masked ones) and compiled (the tiny LM and the Hugging
+# Face example, eager and under torch.compile, on GPUs 0-1).
 # Usage: scripts/four_gpus.sh OUTPUT_DIR [STEPS]
-#   STEPS: any of masks, prefill, short, torchcp, tests, hf1m, cpcheck, gputests
+#   STEPS: any of masks, prefill, short, torchcp, tests, hf1m, cpcheck, gputests, compiled
 #          (default: the first five, in that order)
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
@@ -68,6 +69,20 @@ if has cpcheck; then
         --standalone --nproc-per-node=2 scripts/gpu_cp_then_ringattn.py \
         --json "$out/cp-then-ringattn.json" > "$out/cpcheck.log" 2>&1 || status=1
     tail -4 "$out/cpcheck.log"
+fi
+if has compiled; then
+    # The tiny LM (context_parallel) and the Hugging Face example, eager then compiled, 8K.
+    for example in train_tiny_lm hf_long_context; do
+        for flag in "" --compile; do
+            name="$example${flag:+-compiled}"
+            echo "== $name, 2 GPUs"
+            CUDA_VISIBLE_DEVICES=0,1 timeout "${COMPILED_LIMIT:-100}" python3 -m \
+                torch.distributed.run --standalone --nproc-per-node=2 "examples/$example.py" \
+                --seq-len 8192 --steps 8 $flag > "$out/$name.log" 2>&1 \
+                || { status=1; echo "-- $name failed or timed out"; }
+            grep "^step\|parameters" "$out/$name.log" | tail -9
+        done
+    done
 fi
 if has gputests; then
     echo "== GPU tests but the masked ones (kernels, NCCL ring, strategies, CUDA graphs)"
