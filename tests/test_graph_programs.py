@@ -1,0 +1,142 @@
+"""CUDA-graph programs issue exactly the eager ring's transfers (CPU, single process).
+
+``graphs.py`` keeps NCCL out of its graphs so that a rank replaying a program and a rank
+running the eager ring stay in step. That holds only if a recorded program issues the same
+transfers as the eager ring, in the same order, with the same shapes and dtypes, and waits
+for each at the same point. Here the ring's own code runs for real on CPU tensors, with a
+ring that logs its shifts instead of sending, and CUDA's capture calls are replaced by
+stand-ins (what the graphs capture is checked on GPUs, where tests/test_gpu.py compares
+replayed results with float64 attention).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from typing import Any
+
+import pytest
+import torch
+
+from ringattn import graphs
+from ringattn.checks import _plans
+from ringattn.comm import Ring
+from ringattn.kernels import get_kernel
+from ringattn.ring import RingCall, _ring_backward, _ring_forward
+
+
+def _signature(tensors) -> tuple:
+    return tuple((tuple(t.shape), t.dtype) for t in tensors)
+
+
+class _LoggingRing(Ring):
+    """A ring over no group: each shift and each wait is logged, nothing moves."""
+
+    def __init__(self) -> None:  # no group, no peers
+        self.log: list[tuple] = []
+        self.shifts = 0
+
+    def shift(self, send, recv, *, reverse=False, what="a ring transfer"):  # type: ignore[override]
+        index = self.shifts
+        self.shifts += 1
+        self.log.append(("shift", index, _signature(send), _signature(recv), reverse))
+        log = self.log
+
+        class _Pending:
+            def wait(self) -> None:
+                log.append(("wait", index))
+
+        return _Pending()
+
+
+class _FakeGraph:
+    """Stands in for ``torch.cuda.CUDAGraph``: capture records nothing, replay is logged."""
+
+    replays: list[int] = []
+
+    def __init__(self) -> None:
+        self.capturing = False
+
+    def capture_begin(self, pool: Any = None, capture_error_mode: str = "global") -> None:
+        assert not self.capturing
+        self.capturing = True
+
+    def capture_end(self) -> None:
+        assert self.capturing
+        self.capturing = False
+
+    def replay(self) -> None:
+        _FakeGraph.replays.append(id(self))
+
+
+class _FakeStream:
+    def wait_stream(self, other: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+
+
+def _call(rank: int, world: int, causal: bool, layout: str) -> RingCall:
+    return RingCall(
+        ring=_LoggingRing(),
+        plans=_plans(rank, world, causal, layout),
+        kernel=get_kernel("cpu"),
+        scale=0.125**0.5,
+        next_last_plan=_plans((rank + 1) % world, world, causal, layout)[-1],
+    )
+
+
+def _program_log(program: graphs._Program) -> list[tuple]:
+    """What a program's run issues, in the eager ring's log format."""
+    ring = _LoggingRing()
+    program.ring = ring
+    program.run()
+    return ring.log
+
+
+CASES = [
+    (world, rank, causal, layout)
+    for world in (2, 3, 4)
+    for rank, causal, layout in itertools.product(
+        range(world), (True, False), ("zigzag", "contiguous")
+    )
+]
+
+
+@pytest.mark.parametrize(("world", "rank", "causal", "layout"), CASES)
+def test_programs_issue_the_eager_rings_transfers(fake_cuda, world, rank, causal, layout) -> None:
+    g = torch.Generator().manual_seed(world * 10 + rank)
+    q = torch.randn(1, 4, 16, 8, generator=g)
+    k, v = (torch.randn(1, 2, 16, 8, generator=g) for _ in "kv")
+    dout = torch.randn(q.shape, generator=g)
+
+    eager = _call(rank, world, causal, layout)
+    out, lse, aux, k_last, v_last = _ring_forward(q, k, v, eager)
+    forward_log = list(eager.ring.log)
+    eager.ring.log.clear()
+    eager.ring.shifts = 0
+    _ring_backward(dout, q, k, v, out, lse, aux, k_last, v_last, eager)
+    backward_log = list(eager.ring.log)
+    assert len([e for e in forward_log if e[0] == "shift"]) == world - 1
+
+    call = _call(rank, world, causal, layout)
+    forward, outputs = graphs._record(call, lambda c: _ring_forward(q, k, v, c))
+    assert call.ring.log == []  # neither the warm-up nor the recording moved anything
+    backward, _ = graphs._record(call, lambda c: _ring_backward(dout, q, k, v, *outputs, c))
+    assert call.ring.log == []
+    _FakeGraph.replays.clear()
+    assert _program_log(forward) == forward_log
+    graphs_replayed = len(_FakeGraph.replays)
+    assert graphs_replayed == len([s for s in forward.steps if isinstance(s, _FakeGraph)])
+    assert graphs_replayed == 2 * (world - 1) + 1  # compute before, between and after
+    assert _program_log(backward) == backward_log
