@@ -140,3 +140,56 @@ def test_programs_issue_the_eager_rings_transfers(fake_cuda, world, rank, causal
     assert graphs_replayed == len([s for s in forward.steps if isinstance(s, _FakeGraph)])
     assert graphs_replayed == 2 * (world - 1) + 1  # compute before, between and after
     assert _program_log(backward) == backward_log
+
+
+class _FakeCudaTensor:
+    """Enough of a CUDA tensor for the choice of programs: flags, device and sizes."""
+
+    is_cuda = True
+
+    def __init__(self, shape: tuple[int, ...], device_index: int = 0) -> None:
+        self.shape = shape
+        self.device = torch.device("cuda", device_index)
+
+    def size(self, dim: int) -> int:
+        return self.shape[dim]
+
+
+def test_when_calls_replay_programs(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from ringattn import api
+
+    stream = {"pointer": 1}
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(
+        torch.cuda, "current_stream", lambda: SimpleNamespace(cuda_stream=stream["pointer"])
+    )
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(api, "GraphedRing", lambda q, k, v, call: object())
+    two_ranks = SimpleNamespace(ring=SimpleNamespace(size=2))
+    # 4K tokens on 2 ranks at 32 heads x 128 (1.7e10 per step), and 8K (6.9e10).
+    q4, k4 = _FakeCudaTensor((1, 32, 2048, 128)), _FakeCudaTensor((1, 8, 2048, 128))
+    q8, k8 = _FakeCudaTensor((1, 32, 4096, 128)), _FakeCudaTensor((1, 8, 4096, 128))
+    try:
+        api.set_cuda_graphs("auto")
+        found = [api._graphed_ring(("4K",), q4, k4, k4, two_ranks) for _ in range(4)]
+        assert found[:2] == [None, None]  # recorded on the third call, then kept
+        assert found[2] is not None and found[3] == found[2]
+        assert all(api._graphed_ring(("8K",), q8, k8, k8, two_ranks) is None for _ in range(4))
+        four_ranks = SimpleNamespace(ring=SimpleNamespace(size=4))  # 16K on 4 ranks
+        assert [api._graphed_ring(("16K",), q8, k8, k8, four_ranks) is None for _ in range(3)] == [
+            True,
+            True,
+            False,
+        ]
+        stream["pointer"] = 2  # another stream gets programs of its own
+        assert api._graphed_ring(("4K",), q4, k4, k4, two_ranks)[1] is not found[2][1]
+        other_device = _FakeCudaTensor((1, 32, 2048, 128), device_index=1)
+        assert api._graphed_ring(("4K",), other_device, k4, k4, two_ranks) is None
+        api.set_cuda_graphs(False)
+        assert api._graphed_ring(("4K",), q4, k4, k4, two_ranks) is None
+        api.set_cuda_graphs(True)  # every call, from the first
+        assert api._graphed_ring(("8K",), q8, k8, k8, two_ranks) is not None
+    finally:
+        api.set_cuda_graphs("auto")

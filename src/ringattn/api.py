@@ -164,12 +164,12 @@ def ring_attention(
     graphed = _graphed_ring(key, q, k, v, call)
     if graphed is not None:
         try:
-            out, lse = GraphedRingFunction.apply(q, k, v, graphed)
+            out, lse = GraphedRingFunction.apply(q, k, v, graphed[1])
             return (out, lse) if return_lse else out
         except RecordingFailed as err:
             # Recording moves no data, so running this call eagerly keeps ranks in step.
             logger.warning("ringattn: this call signature runs eagerly from now on (%s)", err)
-            _GRAPHED.pop(key, None)
+            _GRAPHED.pop(graphed[0], None)
             _EAGER_ONLY.add(key)
     out, lse = RingAttentionFunction.apply(q, k, v, call)
     return (out, lse) if return_lse else out
@@ -177,13 +177,18 @@ def ring_attention(
 
 def _graphed_ring(
     key: tuple | None, q: Tensor, k: Tensor, v: Tensor, call: RingCall
-) -> GraphedRing | None:
-    """The CUDA-graph programs for this call, or None where it runs eagerly."""
+) -> tuple[tuple, GraphedRing] | None:
+    """``(slot, programs)`` for this call, or None where it runs eagerly."""
     if not _cuda_graphs or key is None or call.ring is None or not q.is_cuda:
         return None
-    graphed = _GRAPHED.get(key)
+    if q.device.index != torch.cuda.current_device():
+        return None  # recording happens on the current device's streams
+    # Programs own their buffers, so calls on two streams (overlapped micro-batches) must
+    # not share one; a call's backward runs on its forward's stream.
+    slot = (key, torch.cuda.current_stream().cuda_stream)
+    graphed = _GRAPHED.get(slot)
     if graphed is not None:
-        return graphed
+        return slot, graphed
     ranks = call.ring.size
     if key in _EAGER_ONLY or (_cuda_graphs == "auto" and not _graph_now(key, q, k, ranks)):
         return None
@@ -191,8 +196,8 @@ def _graphed_ring(
         # Callers never hold program memory (results are copied out), so the oldest
         # signature's programs can go; a pending backward keeps its own alive.
         del _GRAPHED[next(iter(_GRAPHED))]
-    graphed = _GRAPHED[key] = GraphedRing(q, k, v, call)
-    return graphed
+    graphed = _GRAPHED[slot] = GraphedRing(q, k, v, call)
+    return slot, graphed
 
 
 def _ring_entry(q, k, v, group, causal, scale, layout, backend, strategy, **masks):  # noqa: ANN001
