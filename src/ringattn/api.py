@@ -256,7 +256,7 @@ def set_cuda_graphs(enabled: bool | Literal["auto"]) -> None:
     GPU takes to run them. A recorded signature's later calls copy their inputs in, launch
     one graph per stretch of compute between the ring's transfers (the transfers stay
     ordinary NCCL calls), and copy the results out. The programs and buffers of the 8 most
-    recent signatures are kept; this call frees them.
+    recent signatures (per CUDA stream) are kept; this call frees them.
 
     - ``"auto"`` (default): CUDA tensors on 2+ ranks whose per-step attention is small
       (B*H*S_q*S_k*D of a full shard <= 1.8e10 per rank of the group: 4K tokens on 2
