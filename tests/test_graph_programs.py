@@ -160,12 +160,12 @@ def test_when_calls_replay_programs(monkeypatch) -> None:
 
     from ringattn import api
 
-    stream = {"pointer": 1}
+    stream = {"pointer": 1, "capturing": False}
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(
         torch.cuda, "current_stream", lambda: SimpleNamespace(cuda_stream=stream["pointer"])
     )
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: stream["capturing"])
     monkeypatch.setattr(api, "GraphedRing", lambda q, k, v, call: object())
     two_ranks = SimpleNamespace(ring=SimpleNamespace(size=2))
     # 4K tokens on 2 ranks at 32 heads x 128 (1.7e10 per step), and 8K (6.9e10).
@@ -185,6 +185,9 @@ def test_when_calls_replay_programs(monkeypatch) -> None:
         ]
         stream["pointer"] = 2  # another stream gets programs of its own
         assert api._graphed_ring(("4K",), q4, k4, k4, two_ranks)[1] is not found[2][1]
+        stream["capturing"] = True  # inside someone else's capture: eager, recorded or not
+        assert api._graphed_ring(("4K",), q4, k4, k4, two_ranks) is None
+        stream["capturing"] = False
         other_device = _FakeCudaTensor((1, 32, 2048, 128), device_index=1)
         assert api._graphed_ring(("4K",), other_device, k4, k4, two_ranks) is None
         api.set_cuda_graphs(False)

@@ -161,15 +161,16 @@ def ring_attention(
     call = checked_call(group, q, k, v, causal, scale, layout, backend, return_lse, key)
     assert isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
     k, v = k.contiguous(), v.contiguous()
-    graphed = _graphed_ring(key, q, k, v, call)
-    if graphed is not None:
+    found = _graphed_ring(key, q, k, v, call)
+    if found is not None:
+        slot, programs = found
         try:
-            out, lse = GraphedRingFunction.apply(q, k, v, graphed[1])
+            out, lse = GraphedRingFunction.apply(q, k, v, programs)
             return (out, lse) if return_lse else out
         except RecordingFailed as err:
             # Recording moves no data, so running this call eagerly keeps ranks in step.
             logger.warning("ringattn: this call signature runs eagerly from now on (%s)", err)
-            _GRAPHED.pop(graphed[0], None)
+            _GRAPHED.pop(slot, None)
             _EAGER_ONLY.add(key)
     out, lse = RingAttentionFunction.apply(q, k, v, call)
     return (out, lse) if return_lse else out
@@ -183,6 +184,8 @@ def _graphed_ring(
         return None
     if q.device.index != torch.cuda.current_device():
         return None  # recording happens on the current device's streams
+    if torch.cuda.is_current_stream_capturing():
+        return None  # inside someone else's capture, which records the eager ring
     # Programs own their buffers, so calls on two streams (overlapped micro-batches) must
     # not share one; a call's backward runs on its forward's stream.
     slot = (key, torch.cuda.current_stream().cuda_stream)
@@ -240,8 +243,8 @@ def _graph_now(key: tuple, q: Tensor, k: Tensor, ranks: int) -> bool:
     """Whether the automatic mode records this signature now (see
     ``_AUTO_GRAPH_WORK_PER_RANK``)."""
     work = q.size(0) * q.size(1) * q.size(2) * k.size(2) * q.size(3)
-    if work > _AUTO_GRAPH_WORK_PER_RANK * ranks or torch.cuda.is_current_stream_capturing():
-        return False  # long steps; or inside someone else's capture, which records us
+    if work > _AUTO_GRAPH_WORK_PER_RANK * ranks:
+        return False  # long steps
     seen = _SEEN.get(key, 0) + 1
     if len(_SEEN) >= 1024:
         _SEEN.clear()
