@@ -30,7 +30,8 @@ def _signature(tensors) -> tuple:
 
 
 class _LoggingRing(Ring):
-    """A ring over no group: each shift and each wait is logged, nothing moves."""
+    """A ring over no group: each shift and each wait is logged, nothing moves (what is
+    received is zeros, so results are deterministic)."""
 
     def __init__(self) -> None:  # no group, no peers
         self.log: list[tuple] = []
@@ -40,6 +41,8 @@ class _LoggingRing(Ring):
         index = self.shifts
         self.shifts += 1
         self.log.append(("shift", index, _signature(send), _signature(recv), reverse))
+        for t in recv:
+            t.zero_()
         log = self.log
 
         class _Pending:
@@ -196,3 +199,26 @@ def test_when_calls_replay_programs(monkeypatch) -> None:
         assert api._graphed_ring(("8K",), q8, k8, k8, two_ranks) is not None
     finally:
         api.set_cuda_graphs("auto")
+
+
+def test_a_backward_that_cannot_be_recorded_runs_eagerly_once_tried(fake_cuda, monkeypatch) -> None:
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 4, 16, 8, generator=g)
+    k, v = (torch.randn(1, 2, 16, 8, generator=g) for _ in "kv")
+    dout = torch.randn(q.shape, generator=g)
+    eager = _call(0, 2, True, "zigzag")
+    out, lse, aux, k_last, v_last = _ring_forward(q, k, v, eager)
+    want = _ring_backward(dout, q, k, v, out, lse, aux, k_last, v_last, eager)
+    programs = graphs.GraphedRing(q, k, v, _call(0, 2, True, "zigzag"))
+    programs.forward(q, k, v)
+    attempts = []
+
+    def failing(call, fn):
+        attempts.append(call)
+        raise graphs.RecordingFailed("RuntimeError: not capturable")
+
+    monkeypatch.setattr(graphs, "_record", failing)
+    for _ in range(3):
+        got = programs.backward(dout, (q, k, v, out, lse, k_last, v_last))
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert len(attempts) == 1

@@ -207,6 +207,7 @@ class GraphedRing:
         self.forward_outputs: tuple[Any, ...] = ()
         self.backward_program: _Program | None = None
         self.backward_outputs: tuple[Tensor, ...] = ()
+        self.backward_eager = False  # its recording failed once: not tried again
         self.dout: Tensor | None = None
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Any, ...]:
@@ -233,7 +234,7 @@ class GraphedRing:
         f_out, f_lse, aux, f_k_last, f_v_last = self.forward_outputs
         if self.dout is None:
             self.dout = torch.empty_like(dout, memory_format=torch.contiguous_format)
-        if self.backward_program is None:
+        if self.backward_program is None and not self.backward_eager:
             try:
                 self.backward_program, self.backward_outputs = _record(
                     self.call,
@@ -242,11 +243,13 @@ class GraphedRing:
                     ),
                 )
             except RecordingFailed as err:
-                logger.warning("ringattn: running this backward eagerly (%s)", err)
-                q, k, v, out, lse, k_last, v_last = saved
-                return _ring_backward(
-                    dout.contiguous(), q, k, v, out, lse, aux, k_last, v_last, self.call
-                )
+                logger.warning("ringattn: this signature's backward runs eagerly (%s)", err)
+                self.backward_eager = True
+        if self.backward_program is None:
+            q, k, v, out, lse, k_last, v_last = saved
+            return _ring_backward(
+                dout.contiguous(), q, k, v, out, lse, aux, k_last, v_last, self.call
+            )
         _copy_all((self.dout, *self.inputs, f_out, f_lse, f_k_last, f_v_last), (dout, *saved))
         self.backward_program.run()
         return self.backward_outputs
