@@ -94,7 +94,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
-def _one_length(seq: int, world: int) -> dict:
+def _one_length(seq: int, world: int, strategy: str) -> dict:
     full = _inputs(seq, seed=seq)
     q1, k1, v1 = (x.clone().requires_grad_() for x in full[:3])
 
@@ -107,14 +107,19 @@ def _one_length(seq: int, world: int) -> dict:
     q, k, v = (x.clone().requires_grad_() for x in shards[:3])
     last: dict[str, object] = {}
 
+    def call():
+        if strategy == "ring_attention":
+            return ringattn.ring_attention(q, k, v, causal=True, backend="cudnn")
+        return ringattn.attention(q, k, v, causal=True, backend="cudnn", strategy=strategy)
+
     def ring() -> None:
-        out = ringattn.ring_attention(q, k, v, causal=True, backend="cudnn")
+        out = call()
         last["out"] = out.detach()
         last["grads"] = torch.autograd.grad(out, (q, k, v), shards[3])
 
     def ring_forward() -> None:
         with torch.no_grad():
-            ringattn.ring_attention(q, k, v, causal=True, backend="cudnn")
+            call()
 
     base = _time(one_gpu)
     mine = _time(ring)
@@ -140,11 +145,38 @@ def _one_length(seq: int, world: int) -> dict:
     return row
 
 
+def _symmetric() -> bool | None:
+    """Whether ring shifts went through symmetric memory (None: this ringattn has none)."""
+    try:
+        from ringattn import symmetric
+    except ImportError:
+        return None
+    return any(ring is not None for ring in symmetric._RINGS.values())
+
+
+def _alignments() -> dict[str, bool] | None:
+    """Which CUDA kernels align a causal block with fewer queries than keys bottom-right."""
+    from ringattn import kernels
+
+    if not hasattr(kernels, "causal_aligns_bottom_right"):
+        return None
+    q = torch.empty(1, 1, 1, DIM, device="cuda", dtype=torch.bfloat16)
+    return {
+        name: kernels.causal_aligns_bottom_right(kernels.get_kernel(name), q)
+        for name in ("cudnn", "flash")
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seq-lens", default="2048,4096,8192,16384")
     p.add_argument("--json", default=None)
     p.add_argument("--label", default="ringattn")
+    p.add_argument(
+        "--strategy",
+        default="ring_attention",
+        help="ring_attention (default), or a strategy of ringattn.attention (auto, allgather, ...)",
+    )
     p.add_argument(
         "--cuda-graphs",
         choices=("default", "auto", "on", "off"),
@@ -160,7 +192,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     rows = []
     for seq in (int(s) for s in args.seq_lens.split(",")):
-        row = _one_length(seq, world)
+        row = _one_length(seq, world, args.strategy)
         rows.append(row)
         if rank == 0:
             print(json.dumps(row), flush=True)
@@ -191,7 +223,10 @@ def main() -> None:
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "ranks": world,
+        "strategy": args.strategy,
         "check_us_per_call": check_us,
+        "causal_bottom_right": _alignments(),
+        "symmetric_memory_shifts": _symmetric(),
         "mismatch": mismatches,
         "rows": rows,
     }

@@ -7,7 +7,7 @@
 # 4 GPUs), cpcheck (PyTorch's CP, then ringattn with cuDNN, in one process on GPUs 0-1),
 # gputests (the GPU tests but the masked ones) and compiled (the tiny LM and the Hugging
 # Face example, eager and under torch.compile, on GPUs 0-1).
-# Usage: scripts/four_gpus.sh OUTPUT_DIR [STEPS]
+# Usage: scripts/four_gpus.sh OUTPUT_DIR [STEPS]  (environment: *_LIMIT, SHORT_MODES, SHORT_STRATEGIES)
 #   STEPS: any of masks, prefill, short, torchcp, tests, hf1m, cpcheck, gputests, compiled
 #          (default: the first five, in that order)
 set -uo pipefail
@@ -35,18 +35,24 @@ if has prefill; then
         --prefill 128K,512K --json "$out/prefill-4.json"
 fi
 if has short; then
-    # Each CUDA-graph mode (SHORT_MODES: off, on, auto, default) on 2 GPUs, then on 4.
+    # Each CUDA-graph mode (SHORT_MODES: off, on, auto, default) and entry point
+    # (SHORT_STRATEGIES: ring_attention, or a strategy of ringattn.attention) on 2 GPUs, then 4.
     for mode in ${SHORT_MODES:-off default}; do
-        echo "== short sequences, 2 GPUs, CUDA graphs: $mode"
-        CUDA_VISIBLE_DEVICES=0,1 timeout "${SHORT_LIMIT:-80}" python3 -m torch.distributed.run \
-            --standalone --nproc-per-node=2 benchmarks/short_sequences.py --cuda-graphs "$mode" \
-            --seq-lens 2048,4096,8192,16384,32768 --label "$mode-2gpu" --json "$out/short-2-$mode.json" \
-            > "$out/short-2-$mode.log" 2>&1 || { status=1; echo "-- short-2-$mode failed"; }
-        grep -v -i warn "$out/short-2-$mode.log" | tail -6
-        echo "== short sequences, 4 GPUs, CUDA graphs: $mode"
-        launch "${SHORT_LIMIT:-80}" "short-4-$mode" benchmarks/short_sequences.py \
-            --cuda-graphs "$mode" --seq-lens 4096,8192,16384,32768 --label "$mode-4gpu" \
-            --json "$out/short-4-$mode.json"
+        for strategy in ${SHORT_STRATEGIES:-ring_attention}; do
+            tag="$mode${strategy/#ring_attention/}"
+            echo "== short sequences, 2 GPUs, CUDA graphs: $mode, $strategy"
+            CUDA_VISIBLE_DEVICES=0,1 timeout "${SHORT_LIMIT:-80}" python3 -m torch.distributed.run \
+                --standalone --nproc-per-node=2 benchmarks/short_sequences.py --cuda-graphs "$mode" \
+                --strategy "$strategy" --seq-lens "${SHORT_LENS_2:-2048,4096,8192,16384,32768}" \
+                --label "$tag-2gpu" --json "$out/short-2-$tag.json" \
+                > "$out/short-2-$tag.log" 2>&1 || { status=1; echo "-- short-2-$tag failed"; }
+            grep -v -i warn "$out/short-2-$tag.log" | tail -6
+            echo "== short sequences, 4 GPUs, CUDA graphs: $mode, $strategy"
+            launch "${SHORT_LIMIT:-80}" "short-4-$tag" benchmarks/short_sequences.py \
+                --cuda-graphs "$mode" --strategy "$strategy" \
+                --seq-lens "${SHORT_LENS_4:-4096,8192,16384,32768}" --label "$tag-4gpu" \
+                --json "$out/short-4-$tag.json"
+        done
     done
 fi
 if has torchcp; then

@@ -104,10 +104,13 @@ def _allgather_block_dropped() -> list[Patch]:
     the first chunk of keys for full attention."""
     blocks = strategies._query_blocks
 
-    def query_blocks(ids, causal, chunk):
-        found = blocks(ids, causal, chunk)
+    def query_blocks(ids, causal, chunk, bottom_right=False):
+        found = blocks(ids, causal, chunk, bottom_right)
         if not causal:
             return [(-1, chunk, -1, False)]
+        if bottom_right:  # the last query chunk loses its first key chunk
+            qi, _, end, _ = found[-1]
+            return [*found[:-1], (qi, chunk, end, True)] if end > chunk else found
         prefixes = [i for i, b in enumerate(found) if not b[3]]
         return [b for i, b in enumerate(found) if not prefixes or i != prefixes[-1]]
 

@@ -117,17 +117,17 @@ def strategy_cases(world: int, two_d: bool) -> list[dict]:
                     scale=0.2,
                 )
             )
-    for causal in (True, False):  # the planner's pick, whatever it is
+    gqa = dict(heads=heads[1][0], kv_heads=heads[1][1], local=4)
+    for layout in ("zigzag", "contiguous"):
+        # The math kernel aligns causal blocks bottom-right, as flash does on GPUs: each
+        # causal query chunk takes its whole prefix in one call.
+        name = f"allgather-causal-bottom-right-{layout}"
         cases.append(
-            dict(
-                id=f"auto-{'causal' if causal else 'full'}",
-                strategy="auto",
-                causal=causal,
-                heads=heads[1][0],
-                kv_heads=heads[1][1],
-                local=4,
-            )
+            dict(id=name, strategy="allgather", causal=True, layout=layout, backend="math", **gqa)
         )
+    for causal in (True, False):  # the planner's pick, whatever it is
+        name = f"auto-{'causal' if causal else 'full'}"
+        cases.append(dict(id=name, strategy="auto", causal=causal, **gqa))
     return cases
 
 

@@ -116,20 +116,22 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("world", "rank", "causal", "layout"), CASES)
-def test_programs_issue_the_eager_rings_transfers(fake_cuda, world, rank, causal, layout) -> None:
+def _eager_logs(world: int, rank: int, causal: bool, layout: str) -> tuple:
+    """Inputs ``(q, k, v, dout)`` and the eager ring's forward and backward logs."""
     g = torch.Generator().manual_seed(world * 10 + rank)
     q = torch.randn(1, 4, 16, 8, generator=g)
     k, v = (torch.randn(1, 2, 16, 8, generator=g) for _ in "kv")
     dout = torch.randn(q.shape, generator=g)
-
     eager = _call(rank, world, causal, layout)
     out, lse, aux, k_last, v_last = _ring_forward(q, k, v, eager)
-    forward_log = list(eager.ring.log)
-    eager.ring.log.clear()
-    eager.ring.shifts = 0
+    forward_log, eager.ring.log, eager.ring.shifts = eager.ring.log, [], 0
     _ring_backward(dout, q, k, v, out, lse, aux, k_last, v_last, eager)
-    backward_log = list(eager.ring.log)
+    return (q, k, v, dout), forward_log, eager.ring.log
+
+
+@pytest.mark.parametrize(("world", "rank", "causal", "layout"), CASES)
+def test_programs_issue_the_eager_rings_transfers(fake_cuda, world, rank, causal, layout) -> None:
+    (q, k, v, dout), forward_log, backward_log = _eager_logs(world, rank, causal, layout)
     assert len([e for e in forward_log if e[0] == "shift"]) == world - 1
 
     call = _call(rank, world, causal, layout)
@@ -143,6 +145,34 @@ def test_programs_issue_the_eager_rings_transfers(fake_cuda, world, rank, causal
     assert graphs_replayed == len([s for s in forward.steps if isinstance(s, _FakeGraph)])
     assert graphs_replayed == 2 * (world - 1) + 1  # compute before, between and after
     assert _program_log(backward) == backward_log
+
+
+class _CapturableLoggingRing(_LoggingRing):
+    """A ring whose shifts CUDA graphs capture (as symmetric memory's copies and signals)."""
+
+    capturable = True
+
+
+@pytest.mark.parametrize(("world", "rank", "causal", "layout"), CASES[::2])
+def test_capturable_shifts_are_recorded_inside_one_graph(
+    fake_cuda, world, rank, causal, layout
+) -> None:
+    """With a capturable ring, a pass is one graph holding the eager ring's shifts and
+    waits, issued in the eager order while recording (captured, not run, on GPUs); its
+    replay issues no transfer of its own."""
+    (q, k, v, dout), forward_log, backward_log = _eager_logs(world, rank, causal, layout)
+    call = _call(rank, world, causal, layout)
+    call = RingCall(
+        _CapturableLoggingRing(), call.plans, call.kernel, call.scale, call.next_last_plan
+    )
+    forward, outputs = graphs._record(call, lambda c: _ring_forward(q, k, v, c))
+    assert call.ring.log == forward_log
+    call.ring.log, call.ring.shifts = [], 0
+    backward, _ = graphs._record(call, lambda c: _ring_backward(dout, q, k, v, *outputs, c))
+    assert call.ring.log == backward_log
+    for program in (forward, backward):
+        assert len(program.steps) == 1 and isinstance(program.steps[0], _FakeGraph)
+        assert _program_log(program) == []
 
 
 class _FakeCudaTensor:
@@ -180,6 +210,14 @@ def test_when_calls_replay_programs(monkeypatch) -> None:
         assert found[:2] == [None, None]  # recorded on the third call, then kept
         assert found[2] is not None and found[3] == found[2]
         assert all(api._graphed_ring(("8K",), q8, k8, k8, two_ranks) is None for _ in range(4))
+        # Shifts captured in the graphs (symmetric memory): 8K on 2 ranks records too.
+        captured = SimpleNamespace(ring=SimpleNamespace(size=2, capturable=True))
+        found8 = [api._graphed_ring(("8K", "sym"), q8, k8, k8, captured) for _ in range(3)]
+        assert found8[:2] == [None, None] and found8[2] is not None
+        q16 = _FakeCudaTensor((1, 32, 8192, 128))  # 16K on 2 ranks: long steps, eager
+        assert all(
+            api._graphed_ring(("16K", "sym"), q16, q16, q16, captured) is None for _ in range(4)
+        )
         four_ranks = SimpleNamespace(ring=SimpleNamespace(size=4))  # 16K on 4 ranks
         assert [api._graphed_ring(("16K",), q8, k8, k8, four_ranks) is None for _ in range(3)] == [
             True,
@@ -210,7 +248,10 @@ def test_a_backward_that_cannot_be_recorded_runs_eagerly_once_tried(fake_cuda, m
     out, lse, aux, k_last, v_last = _ring_forward(q, k, v, eager)
     want = _ring_backward(dout, q, k, v, out, lse, aux, k_last, v_last, eager)
     programs = graphs.GraphedRing(q, k, v, _call(0, 2, True, "zigzag"))
-    programs.forward(q, k, v)
+    _, last = programs.forward(q, k, v)
+    # What a replay leaves in program memory (the stand-in graphs replay nothing).
+    for kept, block in zip(programs.forward_outputs[3:], (k_last, v_last)):
+        kept.copy_(block)
     attempts = []
 
     def failing(call, fn):
@@ -219,6 +260,45 @@ def test_a_backward_that_cannot_be_recorded_runs_eagerly_once_tried(fake_cuda, m
 
     monkeypatch.setattr(graphs, "_record", failing)
     for _ in range(3):
-        got = programs.backward(dout, (q, k, v, out, lse, k_last, v_last))
+        got = programs.backward(dout, (q, k, v, out, lse), last)
         assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert len(attempts) == 1
+
+
+def test_a_backward_copies_in_only_what_a_later_call_overwrote(fake_cuda) -> None:
+    """A backward right after its own forward finds its data in program memory and copies
+    in only dout; once another call of the signature ran (forward, or a backward that
+    copied its own data in), it copies its saved tensors and its last K/V block back."""
+    g = torch.Generator().manual_seed(3)
+    calls = [
+        tuple(
+            torch.randn(shape, generator=g)
+            for shape in ((1, 4, 16, 8), (1, 2, 16, 8), (1, 2, 16, 8))
+        )
+        for _ in range(2)
+    ]
+    dout = torch.randn(1, 4, 16, 8, generator=g)
+    programs = graphs.GraphedRing(*calls[0], _call(0, 2, True, "zigzag"))
+
+    def forward(i: int):
+        (out, lse, *_), last = programs.forward(*calls[i])
+        # What a replay leaves in program memory (the stand-in graphs replay nothing).
+        programs.forward_outputs[3].fill_(float(i + 1))
+        return (*calls[i], out.clone(), lse.clone()), last
+
+    saved0, last0 = forward(0)
+    kept = programs.forward_outputs
+    saved1, last1 = forward(1)
+    assert last0.kv is not None and bool((last0.kv[0] == 1).all())  # moved out, then
+    assert last1.kv is None  # still in program memory
+    programs.backward(dout, saved0, last0)
+    assert torch.equal(programs.inputs[0], calls[0][0])  # call 0's data copied back in
+    assert bool((kept[3] == 1).all())
+    assert last1.kv is not None and bool((last1.kv[0] == 2).all())  # moved out first
+    programs.backward(dout, saved1, last1)
+    assert torch.equal(programs.inputs[0], calls[1][0])
+    assert bool((kept[3] == 2).all())
+    _, last2 = forward(0)
+    programs.inputs[0].zero_()  # a backward that copies in would overwrite this
+    programs.backward(dout, saved0, last2)
+    assert bool((programs.inputs[0] == 0).all()) and torch.equal(programs.dout, dout)

@@ -6,6 +6,7 @@ turns a checked call into the ring's autograd function (or its CUDA-graph replay
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Literal, overload
 
@@ -21,6 +22,7 @@ from .layout import LAYOUTS, shard_for_rank, unshard_shards
 from .mask_calls import masked_ring_attention
 from .masks import Documents, MaskMod
 from .ring import RingAttentionFunction, RingCall
+from .symmetric import CAPACITY_BYTES, symmetric_ring_for
 
 logger = logging.getLogger("ringattn")
 
@@ -161,6 +163,7 @@ def ring_attention(
     call = checked_call(group, q, k, v, causal, scale, layout, backend, return_lse, key)
     assert isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
     k, v = k.contiguous(), v.contiguous()
+    call = _with_transport(key, q, k, v, call)
     found = _graphed_ring(key, q, k, v, call)
     if found is not None:
         slot, programs = found
@@ -174,6 +177,35 @@ def ring_attention(
             _EAGER_ONLY.add(key)
     out, lse = RingAttentionFunction.apply(q, k, v, call)
     return (out, lse) if return_lse else out
+
+
+# Calls by signature whose shifts go through symmetric memory (see _with_transport).
+_SYMMETRIC_CALLS: dict[tuple, RingCall] = {}
+
+
+def _with_transport(key: tuple | None, q: Tensor, k: Tensor, v: Tensor, call: RingCall) -> RingCall:
+    """``call`` with its shifts on symmetric memory where they fit (CUDA, one host).
+
+    The choice depends only on what every rank agreed on (the call's shapes and dtype, and
+    the group's ranks sharing a host), so every rank makes it alike; that matters because
+    symmetric-memory shifts and NCCL ones do not pair with each other.
+    """
+    if call.ring is None or not q.is_cuda or key is None:
+        return call
+    found = _SYMMETRIC_CALLS.get(key)
+    if found is not None:
+        return found
+    # The largest shift: K and V, or their gradients accumulated in float32 (or float64).
+    if (k.numel() + v.numel()) * max(k.element_size(), 4) > CAPACITY_BYTES - 1024:
+        return call
+    ring = symmetric_ring_for(call.ring.group, q.device)
+    if ring is None:
+        return call
+    found = dataclasses.replace(call, ring=ring)
+    if len(_SYMMETRIC_CALLS) >= 256:
+        _SYMMETRIC_CALLS.clear()
+    _SYMMETRIC_CALLS[key] = found
+    return found
 
 
 def _graphed_ring(
@@ -193,7 +225,10 @@ def _graphed_ring(
     if graphed is not None:
         return slot, graphed
     ranks = call.ring.size
-    if key in _EAGER_ONLY or (_cuda_graphs == "auto" and not _graph_now(key, q, k, ranks)):
+    captured_shifts = getattr(call.ring, "capturable", False)
+    if key in _EAGER_ONLY or (
+        _cuda_graphs == "auto" and not _graph_now(key, q, k, ranks, captured_shifts)
+    ):
         return None
     if len(_GRAPHED) >= _GRAPHED_LIMIT:
         # Callers never hold program memory (results are copied out), so the oldest
@@ -232,18 +267,24 @@ _EAGER_ONLY: set[tuple] = set()
 # more than the GPU takes to run it. The measure is B*H*S_q*S_k*D of a full-shard step per
 # rank of the ring: replay saves host time on every step (as many as ranks) and costs
 # copies in and out once per call. Measured on 2 and 4 H100s (32/8 heads x 128, causal,
-# forward+backward): replay wins at 4K tokens on 2 ranks (1.7e10 / 2) and at 8K-16K on 4
-# (up to 6.9e10 / 4); on 2 ranks at 8K (6.9e10 / 2) the copies cost more than it saves.
+# forward+backward). With NCCL shifts between the graphs, replay wins at 4K tokens on 2
+# ranks (1.7e10 / 2) and at 8K-16K on 4 (up to 6.9e10 / 4), and on 2 ranks at 8K
+# (6.9e10 / 2) the copies cost more than it saves. With symmetric-memory shifts inside
+# the graphs (one launch per pass) it also wins at 8K on 2 ranks.
 _AUTO_GRAPH_WORK_PER_RANK = 1.8e10
+_AUTO_GRAPH_WORK_PER_RANK_CAPTURED_SHIFTS = 4.0e10
 _AUTO_GRAPH_CALLS = 3
 _SEEN: dict[tuple, int] = {}
 
 
-def _graph_now(key: tuple, q: Tensor, k: Tensor, ranks: int) -> bool:
+def _graph_now(key: tuple, q: Tensor, k: Tensor, ranks: int, captured_shifts: bool) -> bool:
     """Whether the automatic mode records this signature now (see
     ``_AUTO_GRAPH_WORK_PER_RANK``)."""
     work = q.size(0) * q.size(1) * q.size(2) * k.size(2) * q.size(3)
-    if work > _AUTO_GRAPH_WORK_PER_RANK * ranks:
+    per_rank = (
+        _AUTO_GRAPH_WORK_PER_RANK_CAPTURED_SHIFTS if captured_shifts else _AUTO_GRAPH_WORK_PER_RANK
+    )
+    if work > per_rank * ranks:
         return False  # long steps
     seen = _SEEN.get(key, 0) + 1
     if len(_SEEN) >= 1024:
@@ -257,17 +298,19 @@ def set_cuda_graphs(enabled: bool | Literal["auto"]) -> None:
 
     Made for short sequences, where issuing a call's kernels takes the host longer than the
     GPU takes to run them. A recorded signature's later calls copy their inputs in, launch
-    one graph per stretch of compute between the ring's transfers (the transfers stay
-    ordinary NCCL calls), and copy the results out. The programs and buffers of the 8 most
-    recent signatures (per CUDA stream) are kept; this call frees them.
+    its graphs and copy the results out: one graph per pass where the ring shifts through
+    symmetric memory (ranks on one host, K/V up to 64 MiB: see :mod:`ringattn.symmetric`),
+    else one graph per stretch of compute between the ring's transfers, which stay ordinary
+    NCCL calls. The programs and buffers of the 8 most recent signatures (per CUDA stream)
+    are kept; this call frees them.
 
     - ``"auto"`` (default): CUDA tensors on 2+ ranks whose per-step attention is small
-      (B*H*S_q*S_k*D of a full shard <= 1.8e10 per rank of the group: 4K tokens on 2
-      ranks, 16K on 4, at 32 heads x 128), from a signature's third call; never while
-      the current stream is being captured (CUDA graphs or
-      ``torch.compile(mode="reduce-overhead")`` record the eager ring instead). A
-      signature whose compute CUDA graphs cannot capture runs eagerly from then on
-      (logged as a warning).
+      (B*H*S_q*S_k*D of a full shard <= 4e10 per rank of the group with symmetric-memory
+      shifts: 8K tokens on 2 ranks, 16K on 4, at 32 heads x 128; 1.8e10 with NCCL ones),
+      from a signature's third call; never while the current stream is being captured
+      (CUDA graphs or ``torch.compile(mode="reduce-overhead")`` record the eager ring
+      instead). A signature whose compute CUDA graphs cannot capture runs eagerly from then
+      on (logged as a warning).
     - ``True``: every CUDA call on 2+ ranks, from its first call (also for long sequences,
       where the copies cost more than replay saves, and for shapes that change from step
       to step, which record again each time).

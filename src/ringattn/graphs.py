@@ -18,6 +18,11 @@ Keeping NCCL out of the graphs is what makes replay safe by default:
   captured, not run), and a warm-up pass before it runs the compute with the transfers
   left out, so a recording that fails costs nothing but falling back to the eager ring.
 
+Where the group's ranks share one host, the ring's shifts go through symmetric memory
+(:mod:`ringattn.symmetric`): plain copies and signal kernels, which the graphs capture
+too, so a pass is a single graph launch. The same two properties hold: the protocol is
+the same for a replaying and an eager rank, and no NCCL work is captured.
+
 Every call copies its inputs into the program's buffers and its results out, so any number
 of calls with one signature (the layers of a model) can be in flight between forward and
 backward: nothing a caller holds lives in graph memory.
@@ -28,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .comm import PendingShift, Ring
+from .comm import PendingShift
 from .ring import RingCall, _ring_backward, _ring_forward
 
 __all__ = ["GraphedRing", "GraphedRingFunction", "RecordingFailed"]
@@ -68,7 +74,7 @@ _Step = torch.cuda.CUDAGraph | _Transfer | _Wait
 class _Program:
     """Graphs and transfers in the order they were recorded; ``run`` replays them."""
 
-    def __init__(self, steps: list[_Step], ring: Ring) -> None:
+    def __init__(self, steps: list[_Step], ring: Any) -> None:
         self.steps = steps
         self.ring = ring
 
@@ -122,10 +128,15 @@ class _Recorder:
 
 
 class _RecordingRing:
-    """Stands in for the :class:`Ring` while recording: a shift becomes a program step."""
+    """Stands in for the :class:`Ring` while recording: a shift becomes a program step.
 
-    def __init__(self, recorder: _Recorder) -> None:
+    A ring whose shifts CUDA graphs can capture (symmetric memory, ``capturable``) shifts
+    for real while recording: its copies and signals become part of the graph, and the
+    program is one graph per pass."""
+
+    def __init__(self, recorder: _Recorder, ring: Any = None) -> None:
         self.recorder = recorder
+        self.ring = ring if getattr(ring, "capturable", False) else None
 
     def shift(
         self,
@@ -134,7 +145,9 @@ class _RecordingRing:
         *,
         reverse: bool = False,
         what: str = "a ring transfer",
-    ) -> _RecordedShift:
+    ) -> Any:
+        if self.ring is not None:
+            return self.ring.shift(send, recv, reverse=reverse, what=what)
         transfer = _Transfer(tuple(send), tuple(recv), reverse, what)
         self.recorder.cut()
         self.recorder.steps.append(transfer)
@@ -166,7 +179,7 @@ def _record(call: RingCall, fn: Callable[[RingCall], Any]) -> tuple[_Program, An
     program's memory and are rewritten by every run). The program has not run yet.
     Raises :class:`RecordingFailed` if CUDA graphs cannot capture ``fn``'s compute.
     """
-    assert isinstance(call.ring, Ring)
+    assert call.ring is not None
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     recorder = _Recorder()
@@ -176,7 +189,7 @@ def _record(call: RingCall, fn: Callable[[RingCall], Any]) -> tuple[_Program, An
             fn(dataclasses.replace(call, ring=_SilentRing()))
             side.synchronize()
             recorder.begin()
-            outputs = fn(dataclasses.replace(call, ring=_RecordingRing(recorder)))
+            outputs = fn(dataclasses.replace(call, ring=_RecordingRing(recorder, call.ring)))
             recorder.end()
     except Exception as err:
         recorder.abort()
@@ -197,6 +210,18 @@ def _clone_all(xs: Sequence[Tensor]) -> list[Tensor]:
     return out
 
 
+class _LastBlock:
+    """The last K/V block a call's forward received, which its backward starts on.
+
+    It stays in program memory until the signature's next forward overwrites it; only then
+    is it copied out (``kv``), so a backward that follows its own forward directly (the
+    last layer, activation checkpointing) neither copies it out nor back in."""
+
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+        self.kv: tuple[Tensor, ...] | None = None
+
+
 class GraphedRing:
     """The forward and backward programs of one call signature, recorded on first use."""
 
@@ -209,9 +234,12 @@ class GraphedRing:
         self.backward_outputs: tuple[Tensor, ...] = ()
         self.backward_eager = False  # its recording failed once: not tried again
         self.dout: Tensor | None = None
+        self.generation = 0  # forward runs so far: program memory holds the latest one's
+        self._last_block: weakref.ref[_LastBlock] | None = None
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Any, ...]:
-        """``(out, lse, aux, k_last, v_last)`` in program memory (copy what you keep).
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[tuple[Any, ...], _LastBlock]:
+        """``(out, lse, aux, k_last, v_last)`` in program memory (copy what you keep), and
+        the handle of this call's last K/V block for its backward.
 
         Raises :class:`RecordingFailed` (before any transfer) if the first call cannot be
         recorded.
@@ -220,18 +248,34 @@ class GraphedRing:
             self.forward_program, self.forward_outputs = _record(
                 self.call, lambda call: _ring_forward(*self.inputs, call)
             )
+        self._release_memory()
         _copy_all(self.inputs, (q, k, v))
         self.forward_program.run()
-        return self.forward_outputs
+        last = _LastBlock(self.generation)
+        self._last_block = weakref.ref(last)
+        return self.forward_outputs, last
 
-    def backward(self, dout: Tensor, saved: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        """``(dq, dk, dv)`` for the call whose tensors ``saved`` holds; program memory
-        unless the backward could not be recorded (then the eager ring's own tensors).
+    def _release_memory(self) -> None:
+        """Program memory is about to take another call's data: the last block of the call
+        it holds now is copied out first if that call's backward may still come."""
+        holder = self._last_block() if self._last_block is not None else None
+        if holder is not None and holder.kv is None and holder.generation == self.generation:
+            holder.kv = tuple(_clone_all(self.forward_outputs[3:]))
+        self.generation += 1
 
-        ``saved`` is ``(q, k, v, out, lse, k_last, v_last)`` of that call.
+    def backward(
+        self, dout: Tensor, saved: tuple[Tensor, ...], last: _LastBlock
+    ) -> tuple[Tensor, ...]:
+        """``(dq, dk, dv)`` for the call whose tensors ``saved`` (``(q, k, v, out, lse)``)
+        and ``last`` hold; program memory unless the backward could not be recorded (then
+        the eager ring's own tensors).
         """
         assert self.forward_program is not None
         f_out, f_lse, aux, f_k_last, f_v_last = self.forward_outputs
+        # No forward ran since this call's: program memory still holds its inputs and
+        # results, so nothing needs copying back in.
+        current = last.generation == self.generation
+        k_last, v_last = (f_k_last, f_v_last) if current else last.kv  # type: ignore[misc]
         if self.dout is None:
             self.dout = torch.empty_like(dout, memory_format=torch.contiguous_format)
         if self.backward_program is None and not self.backward_eager:
@@ -246,11 +290,18 @@ class GraphedRing:
                 logger.warning("ringattn: this signature's backward runs eagerly (%s)", err)
                 self.backward_eager = True
         if self.backward_program is None:
-            q, k, v, out, lse, k_last, v_last = saved
+            q, k, v, out, lse = saved
             return _ring_backward(
                 dout.contiguous(), q, k, v, out, lse, aux, k_last, v_last, self.call
             )
-        _copy_all((self.dout, *self.inputs, f_out, f_lse, f_k_last, f_v_last), (dout, *saved))
+        if current:
+            _copy_all((self.dout,), (dout,))
+        else:
+            self._release_memory()
+            _copy_all(
+                (self.dout, *self.inputs, f_out, f_lse, f_k_last, f_v_last),
+                (dout, *saved, k_last, v_last),
+            )
         self.backward_program.run()
         return self.backward_outputs
 
@@ -260,17 +311,16 @@ class GraphedRingFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, graphed: GraphedRing):  # type: ignore[override]
-        out, lse, _, k_last, v_last = graphed.forward(q, k, v)
+        (out, lse, _, _, _), last = graphed.forward(q, k, v)
+        out, lse = _clone_all((out, lse))
         if any(ctx.needs_input_grad[:3]):
-            out, lse, k_last, v_last = _clone_all((out, lse, k_last, v_last))
-            ctx.save_for_backward(q, k, v, out, lse, k_last, v_last)
-        else:
-            out, lse = _clone_all((out, lse))
+            ctx.save_for_backward(q, k, v, out, lse)
+            ctx.last = last
         ctx.graphed = graphed
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor, _dlse: Tensor | None):  # type: ignore[override]
-        grads = ctx.graphed.backward(dout, ctx.saved_tensors)
+        grads = ctx.graphed.backward(dout, ctx.saved_tensors, ctx.last)
         return (*_clone_all(grads), None)

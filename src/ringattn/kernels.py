@@ -4,8 +4,10 @@ Every backend takes q ``[B, H, Sq, D]`` and k, v ``[B, H_kv, Sk, D]`` with ``H %
 and returns gradients for k and v with ``H_kv`` heads, so callers never see the grouped
 (GQA/MQA) expansion; flash and cuDNN take grouped heads natively, the others get K/V
 expanded. ``lse`` is float32 (float64 for float64 inputs), shape ``[B, H, Sq]``.
-Causal blocks are only ever square here (``Sq == Sk``), so top-left and bottom-right
-alignment coincide. Nothing in this module knows about ranks or rings.
+A causal block with fewer queries than keys is bottom-right aligned where the backend
+supports it (query i of Sq sees keys ``j <= i + Sk - Sq``: a query chunk over the whole
+prefix it may see, in one call); :func:`causal_aligns_bottom_right` says which do.
+Nothing in this module knows about ranks or rings.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ __all__ = [
     "BACKENDS",
     "BackendName",
     "Kernel",
+    "causal_aligns_bottom_right",
     "get_kernel",
     "select_kernel",
 ]
@@ -122,8 +125,8 @@ def _math_scores(
     qg = q.to(ct).unflatten(1, (k.size(1), groups))  # [B, Hkv, G, Sq, D]
     s = torch.matmul(qg, k.to(ct).unsqueeze(2).transpose(-1, -2)) * scale
     if causal:
-        sq, sk = s.shape[-2:]
-        causal_mask = torch.ones(sq, sk, dtype=torch.bool, device=s.device).triu_(1)
+        sq, sk = s.shape[-2:]  # bottom-right aligned: the last query sees the last key
+        causal_mask = torch.ones(sq, sk, dtype=torch.bool, device=s.device).triu_(1 + sk - sq)
         s = s.masked_fill(causal_mask, float("-inf"))
     if mask is not None:
         # An explicit mask (True = visible), broadcastable to [B, Hkv, G, Sq, Sk].
@@ -425,3 +428,54 @@ def select_kernel(backend: str, q: Tensor, k: Tensor, v: Tensor, causal: bool) -
             return kernel
         reasons.append(why)
     raise ValueError(f"backend={backend!r}: " + " | ".join(reasons))
+
+
+# ----------------------------------------------------------------------------- alignment
+
+_BOTTOM_RIGHT: dict[tuple, bool] = {}
+
+
+def _probe_bottom_right(kernel: Kernel, device: torch.device, dtype: torch.dtype, d: int) -> bool:
+    # Tiny blocks, the same on every rank (CPU generator), forward and backward against the
+    # plain ops in float32: alignment is a property of PyTorch's kernel wrappers, which
+    # changed between versions, so it is measured rather than assumed.
+    gen = torch.Generator().manual_seed(0)
+    q, dout = (torch.randn(1, 2, 64, d, generator=gen) for _ in range(2))
+    k, v = (torch.randn(1, 2, 192, d, generator=gen) for _ in range(2))
+    scale = d**-0.5
+    ref_out, ref_lse, _ = _math_forward(q, k, v, True, scale)
+    ref_dq, ref_dk, _ = _math_backward(dout, q, k, v, ref_out, ref_lse, None, True, scale)
+    try:
+        qd, kd, vd, dod = (x.to(device, dtype) for x in (q, k, v, dout))
+        out, lse, aux = kernel.forward(qd, kd, vd, causal=True, scale=scale)
+        dq, dk, _ = kernel.backward(dod, qd, kd, vd, out, lse, aux, causal=True, scale=scale)
+    except RuntimeError:
+        return False
+
+    def close(a: Tensor, b: Tensor) -> bool:
+        return bool(((a.float().cpu() - b).abs().max() <= 0.05 * b.abs().max()).item())
+
+    return close(out, ref_out) and close(dq, ref_dq) and close(dk, ref_dk)
+
+
+def causal_aligns_bottom_right(kernel: Kernel, q: Tensor) -> bool:
+    """Whether ``kernel`` with ``causal=True`` and ``Sq < Sk`` aligns the diagonal to the
+    bottom right (query i sees keys ``j <= i + Sk - Sq``), forward and backward.
+
+    ``math`` does by construction and PyTorch's fused CPU kernel does not (top-left). CUDA
+    backends are probed once per backend, device, dtype and head dim on tiny blocks; inside
+    a CUDA-graph capture, where a probe cannot run, the answer is False (callers then split
+    the block into a square diagonal and a prefix, which every backend takes).
+    """
+    if kernel.name == "math":
+        return True
+    if q.device.type != "cuda":
+        return False
+    key = (kernel.name, q.device, q.dtype, q.size(-1))
+    found = _BOTTOM_RIGHT.get(key)
+    if found is None:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        found = _BOTTOM_RIGHT[key] = _probe_bottom_right(kernel, q.device, q.dtype, q.size(-1))
+        logger.debug("ringattn: %s causal bottom-right alignment: %s", kernel.name, found)
+    return found

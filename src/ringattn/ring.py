@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -28,6 +28,9 @@ from .comm import PendingShift, Ring
 from .kernels import Kernel, accumulation_dtype
 from .layout import BlockPlan, Part
 from .merge import merge_into
+
+if TYPE_CHECKING:
+    from .symmetric import SymmetricRing
 
 __all__ = [
     "ForwardAccumulator",
@@ -42,7 +45,7 @@ __all__ = [
 class RingCall:
     """Everything the ring needs besides the tensors."""
 
-    ring: Ring | None  # None for a single rank
+    ring: Ring | SymmetricRing | None  # None for a single rank
     plans: tuple[BlockPlan | None, ...]
     kernel: Kernel
     scale: float

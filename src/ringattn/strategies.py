@@ -29,7 +29,7 @@ from . import comm, ops
 from .api import ring_attention
 from .checks import _call_key, checked_call
 from .comm import SequenceMesh, resolve_mesh
-from .kernels import Kernel, accumulation_dtype, select_kernel
+from .kernels import Kernel, accumulation_dtype, causal_aligns_bottom_right, select_kernel
 from .kv_exchange import fetch_kv, kv_exchange
 from .layout import BlockPlan, chunk_ids, kv_heads_for_ulysses
 from .mask_calls import MaskArguments, check_masked, masked_call, placement_for
@@ -203,10 +203,18 @@ def _ulysses(
 # --------------------------------------------------------------------------- allgather
 
 
-def _query_blocks(ids: Sequence[int], causal: bool, chunk: int) -> list[tuple[int, int, int, bool]]:
-    """(query chunk index, key start, key end, causal) per kernel call of the allgather."""
+def _query_blocks(
+    ids: Sequence[int], causal: bool, chunk: int, bottom_right: bool = False
+) -> list[tuple[int, int, int, bool]]:
+    """(query chunk index, key start, key end, causal) per kernel call of the allgather.
+
+    With ``bottom_right`` (the kernel aligns a causal block with fewer queries than keys to
+    the bottom right) a causal query chunk takes its whole prefix in one call; otherwise it
+    takes its square diagonal and, where it has one, the prefix before it (merged)."""
     if not causal:
         return [(-1, 0, -1, False)]  # every local query against every key
+    if bottom_right:
+        return [(i, 0, (cid + 1) * chunk, True) for i, cid in enumerate(ids)]
     blocks = []
     for i, cid in enumerate(ids):
         blocks.append((i, cid * chunk, (cid + 1) * chunk, True))  # the diagonal
@@ -221,10 +229,11 @@ def _row_orders(
 ) -> tuple[Tensor, Tensor]:
     """Row indices that turn gathered pieces into position order, and back.
 
-    A gathered tensor ``[world, B, H, per_rank * chunk, D]`` is seen as rows of one
-    piece-plane (``chunk * D`` elements; ``planes = B * H``): row ``(r, x, p)`` is plane x of
-    rank r's p-th piece. Position order is rows ``(x, c)`` for chunk c. One ``index_select``
-    with these rows does the whole reorder in a single pass over contiguous rows."""
+    A gathered tensor ``[world, planes, per_rank * chunk, D]`` is seen as rows of one
+    piece-plane (``chunk * D`` elements; ``planes``: everything before the sequence, e.g.
+    K and V x B x H): row ``(r, x, p)`` is plane x of rank r's p-th piece. Position order is
+    rows ``(x, c)`` for chunk c. One ``index_select`` with these rows does the whole reorder
+    in a single pass over contiguous rows."""
     world = len(ids) // per_rank
     chunks = len(ids)
     where = {c: j for j, c in enumerate(ids)}  # chunk id -> index in rank order
@@ -245,40 +254,33 @@ def _row_orders(
 def _gather_by_position(
     x: Tensor, group: dist.ProcessGroup, ids: tuple[int, ...], per_rank: int
 ) -> Tensor:
-    """Every rank's ``x`` (rank r holds chunks ``ids[r * per_rank:(r + 1) * per_rank]``),
-    gathered and put in position order: ``[B, H, S, D]``."""
+    """Every rank's ``x`` (``[..., S_local, D]``; rank r holds chunks
+    ``ids[r * per_rank:(r + 1) * per_rank]``), gathered in one collective and put in
+    position order: ``[..., S, D]``."""
     world = comm.group_facts(group)[1]
-    b, h, s_local, d = x.shape
-    gathered = x.new_empty((world, b, h, s_local, d))
+    *lead, s_local, d = x.shape
+    gathered = x.new_empty((world, *lead, s_local, d))
     comm.all_gather_into(gathered, x.contiguous(), group)
-    rows = _row_orders(ids, per_rank, b * h, x.device)[0]
+    rows = _row_orders(ids, per_rank, gathered[0].numel() // (s_local * d), x.device)[0]
     piece = s_local // per_rank * d
-    return gathered.view(-1, piece).index_select(0, rows).view(b, h, world * s_local, d)
+    return gathered.view(-1, piece).index_select(0, rows).view(*lead, world * s_local, d)
 
 
 def _scatter_by_rank(
     dx: Tensor, group: dist.ProcessGroup, ids: tuple[int, ...], per_rank: int
 ) -> Tensor:
-    """``dx`` (``[B, H, S, D]`` in position order: this rank's gradients for every
-    position) summed over ranks and cut to this rank's chunks, in ``dx``'s dtype (the
-    reduce-scatter adds in it): ``[B, H, S_local, D]``."""
+    """``dx`` (``[..., S, D]`` in position order: this rank's gradients for every
+    position) summed over ranks in one collective and cut to this rank's chunks, in
+    ``dx``'s dtype (the reduce-scatter adds in it): ``[..., S_local, D]``."""
     world = comm.group_facts(group)[1]
-    b, h, s, d = dx.shape
+    *lead, s, d = dx.shape
     s_local = s // world
-    rows = _row_orders(ids, per_rank, b * h, dx.device)[1]
+    planes = dx.numel() // (s * d)
+    rows = _row_orders(ids, per_rank, planes, dx.device)[1]
     send = dx.reshape(-1, s_local // per_rank * d).index_select(0, rows)
-    mine = dx.new_empty((b, h, s_local, d))
-    comm.reduce_scatter_into(mine, send.view(world, b, h, s_local, d), group)
+    mine = dx.new_empty((*lead, s_local, d))
+    comm.reduce_scatter_into(mine, send.view(world, *lead, s_local, d), group)
     return mine
-
-
-def _gather_kv(
-    k: Tensor, v: Tensor, group: dist.ProcessGroup, ids: tuple[int, ...], per_rank: int
-) -> tuple[Tensor, Tensor]:
-    """Every rank's K/V in position order: ``(k_full, v_full)``."""
-    return _gather_by_position(k, group, ids, per_rank), _gather_by_position(
-        v, group, ids, per_rank
-    )
 
 
 class _AllGatherAttention(torch.autograd.Function):
@@ -297,9 +299,12 @@ class _AllGatherAttention(torch.autograd.Function):
     ):  # type: ignore[override]
         per_rank = len(local_ids)
         chunk = q.size(2) // per_rank
-        k_full, v_full = _gather_kv(k, v, group, ids, per_rank)
+        # K and V travel together: one all-gather, one reorder.
+        kv_full = _gather_by_position(torch.stack((k, v)), group, ids, per_rank)
+        k_full, v_full = kv_full[0], kv_full[1]
         outs, lses, auxes = [], [], []
-        blocks = _query_blocks(local_ids, causal, chunk)
+        bottom_right = causal and causal_aligns_bottom_right(kernel, q)
+        blocks = _query_blocks(local_ids, causal, chunk, bottom_right)
         q_chunks = q.split(chunk, dim=2) if causal else (q,)
         for qi, start, end, block_causal in blocks:
             qb = q_chunks[qi] if qi >= 0 else q
@@ -319,18 +324,23 @@ class _AllGatherAttention(torch.autograd.Function):
                 merge_into(outs[-1], lses[-1], out, lse)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=2)
-        ctx.save_for_backward(q, k_full, v_full, out, lse)
+        ctx.save_for_backward(q, kv_full, out, lse)
         ctx.meta = (group, ids, blocks, auxes, kernel, scale, chunk, k.dtype)
         return out
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor):  # type: ignore[override]
-        q, k_full, v_full, out, lse = ctx.saved_tensors
+        q, kv_full, out, lse = ctx.saved_tensors
         group, ids, blocks, auxes, kernel, scale, chunk, dtype = ctx.meta
+        k_full, v_full = kv_full[0], kv_full[1]
         dout = dout.contiguous()
         wide = accumulation_dtype(dtype)
-        dkv = torch.zeros((2, *k_full.shape), dtype=wide, device=k_full.device)
-        dq = torch.zeros_like(q, dtype=wide)
+        # dK/dV of every position, summed over this rank's calls and then over the ranks,
+        # in float32: one rounding at the end, as the ring's.
+        dkv = torch.zeros(kv_full.shape, dtype=wide, device=kv_full.device)
+        # Every query row is in exactly one call when each chunk takes its prefix whole.
+        one_call_per_row = len({qi for qi, *_ in blocks}) == len(blocks)
+        dqs, dq = [], None if one_call_per_row else torch.zeros_like(q, dtype=wide)
         for (qi, start, end, block_causal), aux in zip(blocks, auxes):
             end = end if end >= 0 else k_full.size(2)
             rows = slice(qi * chunk, (qi + 1) * chunk) if qi >= 0 else slice(None)
@@ -345,12 +355,17 @@ class _AllGatherAttention(torch.autograd.Function):
                 causal=block_causal,
                 scale=scale,
             )
-            dq[:, :, rows] += dqb
+            if dq is None:
+                dqs.append(dqb)
+            else:
+                dq[:, :, rows] += dqb
             dkv[0, :, :, start:end] += dkb
             dkv[1, :, :, start:end] += dvb
         per_rank = len(ids) // comm.group_facts(group)[1]
-        dk, dv = (_scatter_by_rank(g, group, ids, per_rank) for g in dkv)
-        return dq.to(q.dtype), dk.to(dtype), dv.to(dtype), *([None] * 6)
+        dk, dv = _scatter_by_rank(dkv, group, ids, per_rank).to(dtype).unbind(0)
+        if dq is None:
+            dq = dqs[0] if len(dqs) == 1 else torch.cat(dqs, dim=2)
+        return dq.to(q.dtype), dk, dv, *([None] * 6)
 
 
 def _allgather(
