@@ -63,6 +63,10 @@ def test_calls_take_symmetric_shifts_by_signature_where_they_fit(monkeypatch) ->
     call = api.RingCall(ring=SimpleNamespace(group="one host"), plans=(), kernel=None, scale=1.0)
     # K/V of 4K tokens on 2 ranks (8 heads x 128, bf16): 8 MiB, 16 MiB as float32 gradients.
     small = _Cuda(2048 * 8 * 128)
+    # Inside a CUDA-graph capture the buffers are not set up (it allocates): NCCL for now.
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert api._with_transport(("4K",), small, small, small, call) is call and made == []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     found = api._with_transport(("4K",), small, small, small, call)
     assert found.ring is ring and found.plans == call.plans
     assert api._with_transport(("4K",), small, small, small, call) is found  # cached

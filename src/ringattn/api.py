@@ -22,7 +22,7 @@ from .layout import LAYOUTS, shard_for_rank, unshard_shards
 from .mask_calls import masked_ring_attention
 from .masks import Documents, MaskMod
 from .ring import RingAttentionFunction, RingCall
-from .symmetric import CAPACITY_BYTES, symmetric_ring_for
+from .symmetric import CAPACITY_BYTES, symmetric_ring_for, symmetric_ring_made
 
 logger = logging.getLogger("ringattn")
 
@@ -198,6 +198,10 @@ def _with_transport(key: tuple | None, q: Tensor, k: Tensor, v: Tensor, call: Ri
     # The largest shift: K and V, or their gradients accumulated in float32 (or float64).
     if (k.numel() + v.numel()) * max(k.element_size(), 4) > CAPACITY_BYTES - 1024:
         return call
+    if torch.cuda.is_current_stream_capturing() and not symmetric_ring_made(
+        call.ring.group, q.device
+    ):
+        return call  # setting the buffers up allocates and synchronises: not under capture
     ring = symmetric_ring_for(call.ring.group, q.device)
     if ring is None:
         return call

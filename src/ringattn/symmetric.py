@@ -39,7 +39,7 @@ from torch import Tensor
 
 from . import comm
 
-__all__ = ["CAPACITY_BYTES", "SymmetricRing", "symmetric_ring_for"]
+__all__ = ["CAPACITY_BYTES", "SymmetricRing", "symmetric_ring_for", "symmetric_ring_made"]
 
 logger = logging.getLogger("ringattn")
 
@@ -133,6 +133,12 @@ _RINGS: dict[tuple[dist.ProcessGroup, torch.device], SymmetricRing | None] = {}
 
 def _enabled() -> bool:
     return os.environ.get("RINGATTN_SYMMETRIC_MEMORY", "1") != "0"
+
+
+def symmetric_ring_made(group: dist.ProcessGroup, device: torch.device) -> bool:
+    """Whether :func:`symmetric_ring_for` has run for this group and device (whatever it
+    found)."""
+    return (group, device) in _RINGS
 
 
 def symmetric_ring_for(group: dist.ProcessGroup, device: torch.device) -> SymmetricRing | None:
