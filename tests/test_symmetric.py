@@ -18,15 +18,14 @@ def test_a_shift_packs_its_tensors_aligned_and_in_order() -> None:
         torch.zeros(0, dtype=torch.float64),
         torch.randn(2, 2, dtype=torch.float64),
     ]
-    at = symmetric._offsets(tensors)
+    at = symmetric._offsets([t.numel() * t.element_size() for t in tensors])
     assert at[0] == 0 and all(a % symmetric._ALIGN == 0 for a in at)
     for t, start, end in zip(tensors, at, at[1:]):
         assert end - start >= t.numel() * t.element_size()
-    ring = SimpleNamespace(_views=symmetric.SymmetricRing._views)
     buffer = torch.zeros(at[-1], dtype=torch.uint8)
-    views = ring._views(ring, buffer, tensors)
+    views = symmetric._views(buffer, tensors)
     torch._foreach_copy_(views, tensors)
-    again = ring._views(ring, buffer.clone(), tensors)  # another rank reads the same layout
+    again = symmetric._views(buffer.clone(), tensors)  # another rank reads the same layout
     assert all(torch.equal(a, b) for a, b in zip(again, tensors))
     assert [v.dtype for v in views] == [t.dtype for t in tensors]
 
@@ -59,7 +58,7 @@ def test_calls_take_symmetric_shifts_by_signature_where_they_fit(monkeypatch) ->
         return ring if group == "one host" else None
 
     monkeypatch.setattr(api, "symmetric_ring_for", ring_for)
-    monkeypatch.setattr(api, "_SYMMETRIC_CALLS", {})
+    monkeypatch.setattr(api, "_TRANSPORTED", {})
     call = api.RingCall(ring=SimpleNamespace(group="one host"), plans=(), kernel=None, scale=1.0)
     # K/V of 4K tokens on 2 ranks (8 heads x 128, bf16): 8 MiB, 16 MiB as float32 gradients.
     small = _Cuda(2048 * 8 * 128)

@@ -22,7 +22,7 @@ from .layout import LAYOUTS, shard_for_rank, unshard_shards
 from .mask_calls import masked_ring_attention
 from .masks import Documents, MaskMod
 from .ring import RingAttentionFunction, RingCall
-from .symmetric import CAPACITY_BYTES, symmetric_ring_for, symmetric_ring_made
+from .symmetric import shift_fits, symmetric_ring_for, symmetric_ring_made
 
 logger = logging.getLogger("ringattn")
 
@@ -179,8 +179,9 @@ def ring_attention(
     return (out, lse) if return_lse else out
 
 
-# Calls by signature whose shifts go through symmetric memory (see _with_transport).
-_SYMMETRIC_CALLS: dict[tuple, RingCall] = {}
+# The call each signature runs with: its shifts on symmetric memory where that applies
+# (see _with_transport), else the checked call as it is.
+_TRANSPORTED: dict[tuple, RingCall] = {}
 
 
 def _with_transport(key: tuple | None, q: Tensor, k: Tensor, v: Tensor, call: RingCall) -> RingCall:
@@ -192,23 +193,23 @@ def _with_transport(key: tuple | None, q: Tensor, k: Tensor, v: Tensor, call: Ri
     """
     if call.ring is None or not q.is_cuda or key is None:
         return call
-    found = _SYMMETRIC_CALLS.get(key)
+    found = _TRANSPORTED.get(key)
     if found is not None:
         return found
-    # The largest shift: K and V, or their gradients accumulated in float32 (or float64).
-    if (k.numel() + v.numel()) * max(k.element_size(), 4) > CAPACITY_BYTES - 1024:
-        return call
     if torch.cuda.is_current_stream_capturing() and not symmetric_ring_made(
         call.ring.group, q.device
     ):
         return call  # setting the buffers up allocates and synchronises: not under capture
-    ring = symmetric_ring_for(call.ring.group, q.device)
-    if ring is None:
-        return call
-    found = dataclasses.replace(call, ring=ring)
-    if len(_SYMMETRIC_CALLS) >= 256:
-        _SYMMETRIC_CALLS.clear()
-    _SYMMETRIC_CALLS[key] = found
+    found = call
+    # The largest shift: K and V, or their gradients accumulated in float32 (or float64).
+    wide = max(k.element_size(), 4)
+    if shift_fits([k.numel() * wide, v.numel() * wide]):
+        ring = symmetric_ring_for(call.ring.group, q.device)
+        if ring is not None:
+            found = dataclasses.replace(call, ring=ring)
+    if len(_TRANSPORTED) >= 256:
+        _TRANSPORTED.clear()
+    _TRANSPORTED[key] = found
     return found
 
 

@@ -340,7 +340,8 @@ class _AllGatherAttention(torch.autograd.Function):
         dkv = torch.zeros(kv_full.shape, dtype=wide, device=kv_full.device)
         # Every query row is in exactly one call when each chunk takes its prefix whole.
         one_call_per_row = len({qi for qi, *_ in blocks}) == len(blocks)
-        dqs, dq = [], None if one_call_per_row else torch.zeros_like(q, dtype=wide)
+        dqs: list[Tensor] = []
+        dq = None if one_call_per_row else torch.zeros_like(q, dtype=wide)
         for (qi, start, end, block_causal), aux in zip(blocks, auxes):
             end = end if end >= 0 else k_full.size(2)
             rows = slice(qi * chunk, (qi + 1) * chunk) if qi >= 0 else slice(None)

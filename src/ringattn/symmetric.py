@@ -39,7 +39,13 @@ from torch import Tensor
 
 from . import comm
 
-__all__ = ["CAPACITY_BYTES", "SymmetricRing", "symmetric_ring_for", "symmetric_ring_made"]
+__all__ = [
+    "CAPACITY_BYTES",
+    "SymmetricRing",
+    "shift_fits",
+    "symmetric_ring_for",
+    "symmetric_ring_made",
+]
 
 logger = logging.getLogger("ringattn")
 
@@ -61,13 +67,30 @@ class _PendingSymmetricShift:
         torch.cuda.current_stream().wait_event(self.event)
 
 
-def _offsets(tensors: Sequence[Tensor]) -> list[int]:
+def _offsets(nbytes: Sequence[int]) -> list[int]:
+    """Where each of tensors of these byte sizes starts in a staging buffer, packed and
+    :data:`_ALIGN`-aligned, and (last) the bytes they take in all."""
     at, found = 0, []
-    for t in tensors:
+    for n in nbytes:
         found.append(at)
-        at += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+        at += -(-n // _ALIGN) * _ALIGN
     found.append(at)
     return found
+
+
+def shift_fits(nbytes: Sequence[int]) -> bool:
+    """Whether one shift of tensors of these byte sizes fits the staging buffer."""
+    return _offsets(nbytes)[-1] <= CAPACITY_BYTES
+
+
+def _views(buffer: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Views of a staging buffer (``uint8``) shaped as ``like``, where a shift packs them."""
+    sizes = [t.numel() * t.element_size() for t in like]
+    at = _offsets(sizes)
+    return [
+        buffer[start : start + n].view(t.dtype).view(t.shape)
+        for t, start, n in zip(like, at, sizes)
+    ]
 
 
 class SymmetricRing:
@@ -92,13 +115,6 @@ class SymmetricRing:
         }
         self._stream = torch.cuda.Stream(device)
 
-    def _views(self, buffer: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
-        at = _offsets(like)
-        return [
-            buffer[at[i] : at[i] + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-            for i, t in enumerate(like)
-        ]
-
     def shift(
         self,
         send: Sequence[Tensor],
@@ -116,11 +132,11 @@ class SymmetricRing:
         stream.wait_stream(caller)
         with torch.cuda.stream(stream):
             if send:
-                torch._foreach_copy_(self._views(self._mine, send), list(send))
+                torch._foreach_copy_(_views(self._mine, send), list(send))
             self._handle.put_signal(to, _READY, SIGNAL_TIMEOUT_MS)
             self._handle.wait_signal(source, _READY, SIGNAL_TIMEOUT_MS)
             if recv:
-                torch._foreach_copy_(list(recv), self._views(self._peer_buffers[source], recv))
+                torch._foreach_copy_(list(recv), _views(self._peer_buffers[source], recv))
             self._handle.put_signal(source, _DONE, SIGNAL_TIMEOUT_MS)
             self._handle.wait_signal(to, _DONE, SIGNAL_TIMEOUT_MS)
             event = torch.cuda.Event()
