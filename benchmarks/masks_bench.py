@@ -111,6 +111,42 @@ def _forward_backward(attend: Callable[[], torch.Tensor]) -> None:
     out.backward(torch.ones_like(out))
 
 
+def _idle_gaps(events: list, least_us: float = 40.0) -> list[str]:
+    """The GPU's idle gaps of at least ``least_us`` (us from the first kernel), each with the
+    kernels either side: where the host kept the GPU waiting."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in events
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    )
+    if not spans:
+        return []
+    first, end, last_name = spans[0][0], spans[0][1], spans[0][2]
+    gaps = []
+    for t0, t1, name in spans[1:]:
+        if t0 - end >= least_us:
+            where = f"after {last_name[:40]} / before {name[:40]}"
+            gaps.append(f"{end - first:9.0f} +{t0 - end:6.0f} us  {where}")
+        if t1 > end:
+            end, last_name = t1, name
+    return gaps
+
+
+def _busy_ms(events: list) -> float:
+    """Milliseconds in which some kernel or copy ran on the GPU (overlaps counted once)."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    )
+    total, end = 0.0, float("-inf")
+    for t0, t1 in spans:
+        if t1 > end:
+            total += t1 - max(t0, end)
+            end = t1
+    return total / 1e3
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -192,8 +228,36 @@ class Bench:
             for _ in range(2):
                 step()
             self.sync()
+        rows = [e for e in prof.key_averages() if e.device_time_total > 0]
+        if everyone and self.world > 1:
+            # Each rank's attention kernels and transfers: a rank that waits on its peers
+            # shows it in its transfer time, the slowest rank in its kernels.
+            events = prof.events()
+            mine = {"flex": 0.0, "nccl": 0.0, "busy": _busy_ms(events) / 2}
+            mine["gaps"] = _idle_gaps(events)
+            for e in rows:
+                if not str(getattr(e, "device_type", "")).endswith("CUDA"):
+                    continue  # the CPU-side record of a launch carries its kernel's time too
+                if e.key.startswith("triton_tem_"):
+                    mine["flex"] += e.self_device_time_total / 2e3
+                elif e.key.startswith("ncclDevKernel"):
+                    mine["nccl"] += e.self_device_time_total / 2e3
+            every: list = [None] * self.world
+            dist.all_gather_object(every, mine)
+            if self.rank == 0:
+                print(
+                    "   per rank (ms per iteration): "
+                    + ", ".join(
+                        f"rank {r}: attention {m['flex']:.2f}, transfers {m['nccl']:.2f}, "
+                        f"GPU busy {m['busy']:.2f}"
+                        for r, m in enumerate(every)
+                    )
+                )
+                for r, m in enumerate(every):
+                    print(f"   rank {r}: GPU idle gaps (2 iterations):")
+                    for line in m["gaps"][:20]:
+                        print("     " + line)
         if self.rank == 0:
-            rows = [e for e in prof.key_averages() if e.device_time_total > 0]
             rows.sort(key=lambda e: e.self_device_time_total, reverse=True)
             total = sum(e.self_device_time_total for e in rows) / 2e3
             print(f"-- profile {case.name} {method}: GPU busy {total:.2f} ms per iteration")

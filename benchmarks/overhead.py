@@ -136,7 +136,8 @@ def _graph_parts(case: BenchCase, device: torch.device) -> list[tuple[str, float
 
     def wrap(owner, name, label):
         fn = getattr(owner, name)
-        originals.append((owner, name, fn))
+        raw = vars(owner).get(name, fn)
+        originals.append((owner, name, raw))
 
         def timed(*args, **kwargs):
             t0 = time.perf_counter()
@@ -145,15 +146,25 @@ def _graph_parts(case: BenchCase, device: torch.device) -> list[tuple[str, float
             finally:
                 spent[label] = spent.get(label, 0.0) + time.perf_counter() - t0
 
-        setattr(owner, name, timed)
+        setattr(owner, name, staticmethod(timed) if isinstance(raw, staticmethod) else timed)
+
+    from ringattn import symmetric
 
     wrap(api, "checked_call", "  checked_call")
-    wrap(graphs.GraphedRing, "forward", "  GraphedRing.forward")
-    wrap(graphs.GraphedRing, "backward", "  GraphedRing.backward")
-    wrap(graphs._Program, "run", "    _Program.run")
-    wrap(comm.Ring, "shift", "      Ring.shift")
-    wrap(comm.PendingShift, "wait", "      PendingShift.wait")
-    wrap(torch.cuda.CUDAGraph, "replay", "      CUDAGraph.replay")
+    wrap(api, "_call_key", "  _call_key")
+    wrap(api, "_with_transport", "  _with_transport")
+    wrap(api, "_graphed_ring", "  _graphed_ring")
+    wrap(graphs.GraphedRingFunction, "forward", "  GraphedRingFunction.forward")
+    wrap(graphs.GraphedRingFunction, "backward", "  GraphedRingFunction.backward")
+    wrap(graphs.GraphedRing, "forward", "    GraphedRing.forward")
+    wrap(graphs.GraphedRing, "backward", "    GraphedRing.backward")
+    wrap(graphs, "_copy_all", "      _copy_all")
+    wrap(graphs, "_clone_all", "    _clone_all")
+    wrap(graphs._Program, "run", "      _Program.run")
+    wrap(comm.Ring, "shift", "        Ring.shift")
+    wrap(symmetric.SymmetricRing, "shift", "        SymmetricRing.shift")
+    wrap(comm.PendingShift, "wait", "        PendingShift.wait")
+    wrap(torch.cuda.CUDAGraph, "replay", "        CUDAGraph.replay")
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -164,10 +175,31 @@ def _graph_parts(case: BenchCase, device: torch.device) -> list[tuple[str, float
     torch.cuda.synchronize()
     for owner, name, fn in originals:
         setattr(owner, name, fn)
-    ringattn.set_cuda_graphs("auto")
     rows.append(("  (instrumented fwd+bwd)", total / CALLS * 1e6, 0.0))
     rows += [(label, t / CALLS * 1e6, 0.0) for label, t in spent.items()]
+    _graph_cprofile(step)
+    ringattn.set_cuda_graphs("auto")
     return rows
+
+
+def _graph_cprofile(step) -> None:
+    """Print (rank 0) where the replayed forward+backward's host time goes, by function."""
+    import cProfile
+    import io
+    import pstats
+
+    torch.cuda.synchronize()
+    dist.barrier()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(CALLS):
+        step()
+    prof.disable()
+    torch.cuda.synchronize()
+    if dist.get_rank() == 0:
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
+        print(f"--- replayed fwd+bwd, {CALLS} calls\n" + buf.getvalue().split("\n\n", 2)[-1])
 
 
 def _inputs_for(case: BenchCase, device: torch.device) -> list[torch.Tensor]:

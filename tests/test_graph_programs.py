@@ -194,11 +194,9 @@ def test_when_calls_replay_programs(monkeypatch) -> None:
     from ringattn import api
 
     stream = {"pointer": 1, "capturing": False}
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(
-        torch.cuda, "current_stream", lambda: SimpleNamespace(cuda_stream=stream["pointer"])
-    )
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: stream["capturing"])
+    monkeypatch.setattr(api, "_current_device", lambda: 0)
+    monkeypatch.setattr(api, "_current_stream_handle", lambda index: stream["pointer"])
+    monkeypatch.setattr(api, "_capturing", lambda: stream["capturing"])
     monkeypatch.setattr(api, "GraphedRing", lambda q, k, v, call: object())
     two_ranks = SimpleNamespace(ring=SimpleNamespace(size=2))
     # 4K tokens on 2 ranks at 32 heads x 128 (1.7e10 per step), and 8K (6.9e10).
@@ -250,8 +248,8 @@ def test_a_backward_that_cannot_be_recorded_runs_eagerly_once_tried(fake_cuda, m
     programs = graphs.GraphedRing(q, k, v, _call(0, 2, True, "zigzag"))
     _, last = programs.forward(q, k, v)
     # What a replay leaves in program memory (the stand-in graphs replay nothing).
-    for kept, block in zip(programs.forward_outputs[3:], (k_last, v_last)):
-        kept.copy_(block)
+    for i, block in zip((1, 3, 4), (lse, k_last, v_last)):
+        programs.forward_outputs[i].copy_(block)
     attempts = []
 
     def failing(call, fn):
@@ -260,7 +258,7 @@ def test_a_backward_that_cannot_be_recorded_runs_eagerly_once_tried(fake_cuda, m
 
     monkeypatch.setattr(graphs, "_record", failing)
     for _ in range(3):
-        got = programs.backward(dout, (q, k, v, out, lse), last)
+        got = programs.backward(dout, (q, k, v, out), last)
         assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert len(attempts) == 1
 
@@ -281,23 +279,26 @@ def test_a_backward_copies_in_only_what_a_later_call_overwrote(fake_cuda) -> Non
     programs = graphs.GraphedRing(*calls[0], _call(0, 2, True, "zigzag"))
 
     def forward(i: int):
-        (out, lse, *_), last = programs.forward(*calls[i])
-        # What a replay leaves in program memory (the stand-in graphs replay nothing).
+        (out, *_), last = programs.forward(*calls[i])
+        # What a replay leaves in program memory (the stand-in graphs replay nothing): the
+        # lse and the last K/V block stay there, only the output is copied out.
+        programs.forward_outputs[1].fill_(float(i + 1))
         programs.forward_outputs[3].fill_(float(i + 1))
-        return (*calls[i], out.clone(), lse.clone()), last
+        return (*calls[i], out.clone()), last
 
     saved0, last0 = forward(0)
     kept = programs.forward_outputs
     saved1, last1 = forward(1)
-    assert last0.kv is not None and bool((last0.kv[0] == 1).all())  # moved out, then
-    assert last1.kv is None  # still in program memory
+    assert last0.kept is not None  # moved out (lse, k, v) before call 1 overwrote them
+    assert bool((last0.kept[0] == 1).all()) and bool((last0.kept[1] == 1).all())
+    assert last1.kept is None  # still in program memory
     programs.backward(dout, saved0, last0)
     assert torch.equal(programs.inputs[0], calls[0][0])  # call 0's data copied back in
-    assert bool((kept[3] == 1).all())
-    assert last1.kv is not None and bool((last1.kv[0] == 2).all())  # moved out first
+    assert bool((kept[1] == 1).all()) and bool((kept[3] == 1).all())
+    assert last1.kept is not None and bool((last1.kept[1] == 2).all())  # moved out first
     programs.backward(dout, saved1, last1)
     assert torch.equal(programs.inputs[0], calls[1][0])
-    assert bool((kept[3] == 2).all())
+    assert bool((kept[1] == 2).all()) and bool((kept[3] == 2).all())
     _, last2 = forward(0)
     programs.inputs[0].zero_()  # a backward that copies in would overwrite this
     programs.backward(dout, saved0, last2)

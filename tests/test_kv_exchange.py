@@ -49,3 +49,18 @@ def test_documents_fetch_the_documents_of_the_rank_queries() -> None:
         _check_covers(spec, placement, rank)
         ex = kv_exchange(spec, placement, rank)
         assert ex.fetched < 4096 - placement.positions(rank).numel()  # not everything
+
+
+def test_ranks_that_hold_whole_documents_move_nothing() -> None:
+    """Every rank knows from the placement alone that no rank fetches: none calls the
+    all-to-all (a window of 0 sees only its own position)."""
+    seq, world = 4096, 4
+    spec = MaskSpec.build(None, False, (0, 0), None, seq)
+    placement = layout_placement(seq, world, "contiguous")
+    for rank in range(world):
+        ex = kv_exchange(spec, placement, rank)
+        _check_covers(spec, placement, rank)
+        assert ex.most_fetched == 0 and ex.fetch == () and ex.serve == ()
+    # One rank fetching is enough for every rank to take part.
+    spec = MaskSpec.build(None, True, (1, 0), None, seq)
+    assert all(kv_exchange(spec, placement, r).most_fetched == ALIGN for r in range(world))

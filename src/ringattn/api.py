@@ -168,7 +168,7 @@ def ring_attention(
     if found is not None:
         slot, programs = found
         try:
-            out, lse = GraphedRingFunction.apply(q, k, v, programs)
+            out, lse = GraphedRingFunction.apply(q, k, v, programs, return_lse)
             return (out, lse) if return_lse else out
         except RecordingFailed as err:
             # Recording moves no data, so running this call eagerly keeps ranks in step.
@@ -213,19 +213,35 @@ def _with_transport(key: tuple | None, q: Tensor, k: Tensor, v: Tensor, call: Ri
     return found
 
 
+# Asked on every call: the raw queries cost the host about a microsecond each, where
+# torch.cuda's wrappers (which build Stream objects) cost tens.
+_current_device = getattr(torch._C, "_cuda_getDevice", torch.cuda.current_device)
+_capturing = getattr(
+    torch._C, "_cuda_isCurrentStreamCapturing", torch.cuda.is_current_stream_capturing
+)
+
+
+def _current_stream_handle(device_index: int) -> int:
+    """The current stream of ``device_index`` as its raw ``cudaStream_t``."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw(device_index)
+    return torch.cuda.current_stream(device_index).cuda_stream
+
+
 def _graphed_ring(
     key: tuple | None, q: Tensor, k: Tensor, v: Tensor, call: RingCall
 ) -> tuple[tuple, GraphedRing] | None:
     """``(slot, programs)`` for this call, or None where it runs eagerly."""
     if not _cuda_graphs or key is None or call.ring is None or not q.is_cuda:
         return None
-    if q.device.index != torch.cuda.current_device():
+    if q.device.index != _current_device():
         return None  # recording happens on the current device's streams
-    if torch.cuda.is_current_stream_capturing():
+    if _capturing():
         return None  # inside someone else's capture, which records the eager ring
     # Programs own their buffers, so calls on two streams (overlapped micro-batches) must
     # not share one; a call's backward runs on its forward's stream.
-    slot = (key, torch.cuda.current_stream().cuda_stream)
+    slot = (key, _current_stream_handle(q.device.index))
     graphed = _GRAPHED.get(slot)
     if graphed is not None:
         return slot, graphed

@@ -19,8 +19,8 @@ __all__ = [
     "PendingShift",
     "Ring",
     "all_gather",
+    "all_to_all_into",
     "backend_device_types",
-    "exchange",
     "host_group",
     "resolve_group",
     "ring_for",
@@ -308,20 +308,23 @@ class Ring:
         return known
 
 
-def exchange(
+def all_to_all_into(
+    out: Tensor,
+    x: Tensor,
+    out_splits: Sequence[int],
+    x_splits: Sequence[int],
     group: dist.ProcessGroup,
-    sends: list[tuple[int, Tensor]],
-    recvs: list[tuple[int, Tensor]],
     what: str,
-) -> None:
-    """Post every send and receive (peers as ranks of ``group``) in one launch and wait;
-    ``what`` names the transfer in the error raised when a peer fails."""
-    if not sends and not recvs:
-        return
-    ops = [dist.P2POp(dist.isend, t, dist.get_global_rank(group, p), group) for p, t in sends]
-    ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, p), group) for p, t in recvs]
-    peers = sorted({p for p, _ in sends} | {p for p, _ in recvs})
-    PendingShift(dist.batch_isend_irecv(ops), what, f"rank(s) {peers} of the group").wait()
+) -> PendingShift:
+    """Rank r's ``x_splits[d]`` elements of the flat ``x`` (in rank order) go to rank d,
+    into its ``out`` (``out_splits[r]`` from rank r): one collective, so the host pays one
+    launch however many peers a rank talks to. Returns at once; ``wait()`` makes ``out``
+    safe to read (``what`` names the transfer in the error raised when a peer fails).
+    Every rank of ``group`` must call it."""
+    work = dist.all_to_all_single(
+        out, x, list(out_splits), list(x_splits), group=group, async_op=True
+    )
+    return PendingShift([work], what, "the other ranks of the group")
 
 
 _RINGS: dict[dist.ProcessGroup, Ring] = {}

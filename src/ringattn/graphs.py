@@ -211,15 +211,17 @@ def _clone_all(xs: Sequence[Tensor]) -> list[Tensor]:
 
 
 class _LastBlock:
-    """The last K/V block a call's forward received, which its backward starts on.
+    """What a call's backward needs of its forward's program memory: the last K/V block it
+    received (the backward starts on it) and the lse.
 
-    It stays in program memory until the signature's next forward overwrites it; only then
-    is it copied out (``kv``), so a backward that follows its own forward directly (the
-    last layer, activation checkpointing) neither copies it out nor back in."""
+    They stay in program memory until the signature's next forward overwrites them; only
+    then are they copied out (``kept``: lse, k, v), so a backward that follows its own
+    forward directly (the last layer, activation checkpointing) neither copies them out nor
+    back in."""
 
     def __init__(self, generation: int) -> None:
         self.generation = generation
-        self.kv: tuple[Tensor, ...] | None = None
+        self.kept: tuple[Tensor, ...] | None = None
 
 
 class GraphedRing:
@@ -259,23 +261,24 @@ class GraphedRing:
         """Program memory is about to take another call's data: the last block of the call
         it holds now is copied out first if that call's backward may still come."""
         holder = self._last_block() if self._last_block is not None else None
-        if holder is not None and holder.kv is None and holder.generation == self.generation:
-            holder.kv = tuple(_clone_all(self.forward_outputs[3:]))
+        if holder is not None and holder.kept is None and holder.generation == self.generation:
+            _, f_lse, _, f_k_last, f_v_last = self.forward_outputs
+            holder.kept = tuple(_clone_all((f_lse, f_k_last, f_v_last)))
         self.generation += 1
 
     def backward(
         self, dout: Tensor, saved: tuple[Tensor, ...], last: _LastBlock
     ) -> tuple[Tensor, ...]:
-        """``(dq, dk, dv)`` for the call whose tensors ``saved`` (``(q, k, v, out, lse)``)
-        and ``last`` hold; program memory unless the backward could not be recorded (then
-        the eager ring's own tensors).
+        """``(dq, dk, dv)`` for the call whose tensors ``saved`` (``(q, k, v, out)``) and
+        ``last`` hold; program memory unless the backward could not be recorded (then the
+        eager ring's own tensors).
         """
         assert self.forward_program is not None
         f_out, f_lse, aux, f_k_last, f_v_last = self.forward_outputs
         # No forward ran since this call's: program memory still holds its inputs and
         # results, so nothing needs copying back in.
         current = last.generation == self.generation
-        k_last, v_last = (f_k_last, f_v_last) if current else last.kv  # type: ignore[misc]
+        lse, k_last, v_last = (f_lse, f_k_last, f_v_last) if current else last.kept  # type: ignore[misc]
         if self.dout is None:
             self.dout = torch.empty_like(dout, memory_format=torch.contiguous_format)
         if self.backward_program is None and not self.backward_eager:
@@ -290,7 +293,7 @@ class GraphedRing:
                 logger.warning("ringattn: this signature's backward runs eagerly (%s)", err)
                 self.backward_eager = True
         if self.backward_program is None:
-            q, k, v, out, lse = saved
+            q, k, v, out = saved
             return _ring_backward(
                 dout.contiguous(), q, k, v, out, lse, aux, k_last, v_last, self.call
             )
@@ -300,21 +303,27 @@ class GraphedRing:
             self._release_memory()
             _copy_all(
                 (self.dout, *self.inputs, f_out, f_lse, f_k_last, f_v_last),
-                (dout, *saved, k_last, v_last),
+                (dout, *saved, lse, k_last, v_last),
             )
         self.backward_program.run()
         return self.backward_outputs
 
 
 class GraphedRingFunction(torch.autograd.Function):
-    """Ring attention through a :class:`GraphedRing`; returns ``(out, lse)`` as the eager one."""
+    """Ring attention through a :class:`GraphedRing`; returns ``(out, lse)`` as the eager one.
+
+    With ``keep_lse`` False the lse returned is program memory, which the next call of the
+    signature overwrites: for callers that drop it (the backward keeps its own, see
+    :class:`_LastBlock`)."""
 
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, graphed: GraphedRing):  # type: ignore[override]
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, graphed: GraphedRing, keep_lse: bool):  # type: ignore[override]
         (out, lse, _, _, _), last = graphed.forward(q, k, v)
-        out, lse = _clone_all((out, lse))
+        out = out.clone(memory_format=torch.contiguous_format)
+        if keep_lse:
+            lse = lse.clone(memory_format=torch.contiguous_format)
         if any(ctx.needs_input_grad[:3]):
-            ctx.save_for_backward(q, k, v, out, lse)
+            ctx.save_for_backward(q, k, v, out)
             ctx.last = last
         ctx.graphed = graphed
         ctx.mark_non_differentiable(lse)
@@ -323,4 +332,4 @@ class GraphedRingFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dout: Tensor, _dlse: Tensor | None):  # type: ignore[override]
         grads = ctx.graphed.backward(dout, ctx.saved_tensors, ctx.last)
-        return (*_clone_all(grads), None)
+        return (*_clone_all(grads), None, None)

@@ -6,11 +6,12 @@ therefore does not gather everything: :func:`kv_exchange` marks, for every rank,
 positions inside some interval of its queries, rounded out to whole tiles of
 :data:`ALIGN` positions (so the fetched keys keep the tile grid of the sequence), and lists
 for every pair of ranks the source's local indices the destination needs. One batched
-point-to-point launch moves them (one message per peer, K and V packed together), and the
-destination lays its own keys and the fetched ones out in position order, the order the
-pair's mask is built for. A causal window of W reaches only W positions into the previous
-shard, so K/V travel ``W`` positions, not ``S``; packed documents fetch the documents a
-rank's queries are in.
+all-to-all moves them (K and V packed together, selected straight into the send buffer),
+and the destination lays its own keys and the fetched ones out in position order, the order
+the pair's mask is built for. A batch whose ranks fetch nothing (every document within one
+rank) moves nothing: every rank knows it from the placement. A causal window of W reaches
+only W positions into the previous shard, so K/V travel ``W`` positions, not ``S``; packed
+documents fetch the documents a rank's queries are in.
 
 The backward returns the fetched keys' gradients to their owners, which add them to the
 gradients of their own queries: in the input dtype when at most one other rank fetched a
@@ -51,6 +52,7 @@ class KVExchange:
     fetch: tuple[tuple[int, Tensor, Tensor], ...]  # (source, source's local indices, slots)
     serve: tuple[tuple[int, Tensor], ...]  # (destination, this rank's local indices it needs)
     most_fetched: int  # the most keys any rank of the group fetches (the same on every rank)
+    world_size: int
     # Device copies of the index tensors above, made on first use (kept with the exchange).
     _on_device: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -122,11 +124,48 @@ def kv_exchange(spec: MaskSpec, placement: Placement, rank: int) -> KVExchange:
         idx = torch.nonzero(needs[d][own]).flatten()
         if idx.numel():
             serve.append((d, idx))
-    found = KVExchange(every[order], own_slots, tuple(fetch), tuple(serve), most)
+    found = KVExchange(every[order], own_slots, tuple(fetch), tuple(serve), most, world)
     _CACHE[key] = found
     if len(_CACHE) > _CACHE_LIMIT:
         _CACHE.popitem(last=False)
     return found
+
+
+def _splits(pieces: tuple[tuple[int, Tensor], ...], world: int, per_key: int) -> list[int]:
+    """All-to-all split sizes (elements per rank, in rank order) of ``(rank, indices)``
+    pieces, each ``per_key`` elements per key."""
+    sizes = [0] * world
+    for peer, idx in pieces:
+        sizes[peer] = int(idx.numel()) * per_key
+    return sizes
+
+
+def _pack(
+    k: Tensor, v: Tensor, pieces: tuple[tuple[int, Tensor], ...], ex: KVExchange, sizes: list[int]
+) -> Tensor:
+    """One flat buffer holding, per peer in rank order, ``[2, B, H, n, D]``: K and V at
+    that peer's indices (selected straight into it, no staging copy)."""
+    b, h, _, d = k.shape
+    flat = k.new_empty(sum(sizes))
+    start = [sum(sizes[:peer]) for peer in range(len(sizes))]
+    for peer, idx in pieces:
+        at = ex.on(k.device, idx)
+        piece = flat[start[peer] : start[peer] + sizes[peer]].view(2, b, h, idx.numel(), d)
+        torch.index_select(k, 2, at, out=piece[0])
+        torch.index_select(v, 2, at, out=piece[1])
+    return flat
+
+
+def _unpacked(
+    flat: Tensor, pieces: tuple[tuple[int, Tensor], ...], sizes: list[int], like: Tensor
+) -> list[Tensor]:
+    """The ``[2, B, H, n, D]`` views of ``flat`` per piece (see :func:`_pack`)."""
+    b, h, _, d = like.shape
+    out = []
+    for peer, idx in pieces:
+        begin = sum(sizes[:peer])
+        out.append(flat[begin : begin + sizes[peer]].view(2, b, h, idx.numel(), d))
+    return out
 
 
 class _FetchKV(torch.autograd.Function):
@@ -137,18 +176,25 @@ class _FetchKV(torch.autograd.Function):
         n = ex.positions.numel()
         k_ext, v_ext = k.new_empty((b, h, n, d)), v.new_empty((b, h, n, d))
         own = ex.on(dev, ex.own_slots)
+        fetch = tuple((src, idx) for src, idx, _ in ex.fetch)
+        per_key = 2 * b * h * d
+        send_sizes = _splits(ex.serve, ex.world_size, per_key)
+        recv_sizes = _splits(fetch, ex.world_size, per_key)
+        pending = None
+        if ex.most_fetched:  # some rank of the group fetches: every rank takes part
+            sent = _pack(k, v, ex.serve, ex, send_sizes)
+            received = k.new_empty(sum(recv_sizes))
+            what = "fetching the keys this rank's queries see"
+            pending = comm.all_to_all_into(received, sent, recv_sizes, send_sizes, group, what)
+        # The own keys are laid out while the transfer runs.
         k_ext.index_copy_(2, own, k)
         v_ext.index_copy_(2, own, v)
-        sends = [
-            (dst, torch.stack((k.index_select(2, i), v.index_select(2, i))))
-            for dst, i in ((dst, ex.on(dev, idx)) for dst, idx in ex.serve)
-        ]
-        recvs = [(src, k.new_empty((2, b, h, idx.numel(), d))) for src, idx, _ in ex.fetch]
-        comm.exchange(group, sends, recvs, "fetching the keys this rank's queries see")
-        for (_, _, slots), (_, buf) in zip(ex.fetch, recvs):
-            at = ex.on(dev, slots)
-            k_ext.index_copy_(2, at, buf[0])
-            v_ext.index_copy_(2, at, buf[1])
+        if pending is not None:
+            pending.wait()
+            for (_, _, slots), buf in zip(ex.fetch, _unpacked(received, fetch, recv_sizes, k)):
+                at = ex.on(dev, slots)
+                k_ext.index_copy_(2, at, buf[0])
+                v_ext.index_copy_(2, at, buf[1])
         ctx.ex, ctx.group = ex, group
         return k_ext, v_ext
 
@@ -156,19 +202,26 @@ class _FetchKV(torch.autograd.Function):
     def backward(ctx: Any, dk_ext: Tensor, dv_ext: Tensor):  # type: ignore[override]
         ex, group = ctx.ex, ctx.group
         dev = dk_ext.device
-        sends = [
-            (src, torch.stack((dk_ext.index_select(2, at), dv_ext.index_select(2, at))))
-            for src, at in ((src, ex.on(dev, slots)) for src, _, slots in ex.fetch)
-        ]
-        b, h, _, d = dk_ext.shape
-        recvs = [(dst, dk_ext.new_empty((2, b, h, idx.numel(), d))) for dst, idx in ex.serve]
-        comm.exchange(group, sends, recvs, "returning the fetched keys' gradients")
         own = ex.on(dev, ex.own_slots)
         dtype = dk_ext.dtype
         # One other term per key is one rounding of an exact sum; more accumulate wide.
         wide = dtype if len(ex.serve) <= 1 else accumulation_dtype(dtype)
+        if not ex.most_fetched:
+            return dk_ext.index_select(2, own), dv_ext.index_select(2, own), None, None
+        b, h, _, d = dk_ext.shape
+        per_key = 2 * b * h * d
+        # The fetched keys' gradients go back to their sources (at the slots they filled);
+        # the own keys' are taken out while they travel.
+        slots = tuple((src, slot) for src, _, slot in ex.fetch)
+        send_sizes = _splits(slots, ex.world_size, per_key)
+        recv_sizes = _splits(ex.serve, ex.world_size, per_key)
+        sent = _pack(dk_ext, dv_ext, slots, ex, send_sizes)
+        received = dk_ext.new_empty(sum(recv_sizes))
+        what = "returning the fetched keys' gradients"
+        pending = comm.all_to_all_into(received, sent, recv_sizes, send_sizes, group, what)
         dk, dv = (g.index_select(2, own).to(wide) for g in (dk_ext, dv_ext))
-        for (_, idx), (_, buf) in zip(ex.serve, recvs):
+        pending.wait()
+        for (_, idx), buf in zip(ex.serve, _unpacked(received, ex.serve, recv_sizes, dk_ext)):
             at = ex.on(dev, idx)
             dk.index_add_(2, at, buf[0].to(wide))
             dv.index_add_(2, at, buf[1].to(wide))
