@@ -19,9 +19,10 @@ For each case, forward+backward of one attention layer (bf16, 32 query / 8 K/V h
 
 ``imbalance`` is the busiest rank's attention work over the mean, minus one, with the work of a
 query the number of keys its mask lets it see, counted from the positions each rank holds.
-Times are medians of ``--iters`` iterations after ``--warmup``, timed with device events
-after a barrier, slowest rank. ``--dry-run`` runs every row on CPU (Gloo) at tiny sizes, in
-float32, to check the script.
+Times are medians of ``--iters`` iterations after ``--warmup``, each timed from an idle
+GPU with device events after a barrier, slowest rank; ``--back-to-back N`` also times N
+iterations issued without waiting (``b2b_ms``), as a model's layers run. ``--dry-run``
+runs every row on CPU (Gloo) at tiny sizes, in float32, to check the script.
 
     torchrun --nproc-per-node 2 benchmarks/masks_bench.py --json masks.json
     torchrun --nproc-per-node 2 benchmarks/masks_bench.py --torch-cp --json masks-torchcp.json
@@ -191,8 +192,36 @@ class Bench:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
+    def back_to_back_ms(self, step: Callable[[], None], everyone: bool) -> float:
+        """Mean ms of ``--back-to-back`` iterations issued without waiting, as a model's
+        layers run (the host's start-up of one call overlaps the GPU work of the one before);
+        slowest rank when ``everyone``."""
+        calls = self.args.back_to_back
+        if everyone:
+            dist.barrier()
+        self.sync()
+        if self.device.type == "cuda":
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+            for _ in range(calls):
+                step()
+            end.record()
+            end.synchronize()
+            elapsed = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                step()
+            elapsed = (time.perf_counter() - t0) * 1e3
+        ms = torch.tensor([elapsed / calls], dtype=torch.float64)
+        if everyone:
+            ms = ms.to(self.device)
+            dist.all_reduce(ms, op=dist.ReduceOp.MAX)
+        return float(ms)
+
     def time_ms(self, step: Callable[[], None], everyone: bool) -> float:
-        """Median ms of ``step`` (slowest rank when ``everyone``)."""
+        """Median ms of ``step``, each iteration from an idle GPU (slowest rank when
+        ``everyone``)."""
         for _ in range(self.args.warmup):
             step()
         self.sync()
@@ -409,6 +438,8 @@ class Bench:
         self.reset_peak()
         try:
             ms = self.time_ms(step, everyone)
+            if self.args.back_to_back:
+                extra = {**extra, "b2b_ms": round(self.back_to_back_ms(step, everyone), 2)}
         except Exception as err:  # noqa: BLE001 - a failing row is reported, the rest run
             if self.args.verbose:
                 traceback.print_exc()
@@ -656,6 +687,13 @@ def main() -> None:
     p.add_argument("--md", help="with --report: also write the tables here")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--profile", action="store_true", help="print each method's top GPU kernels")
+    p.add_argument(
+        "--back-to-back",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time N iterations issued back to back (b2b_ms), as a model's layers run",
+    )
     p.add_argument(
         "--recompile-limit",
         type=int,
