@@ -112,17 +112,21 @@ def _forward_backward(attend: Callable[[], torch.Tensor]) -> None:
     out.backward(torch.ones_like(out))
 
 
-def _idle_gaps(events: list, least_us: float = 40.0) -> list[str]:
-    """The GPU's idle gaps of at least ``least_us`` (us from the first kernel), each with the
-    kernels either side: where the host kept the GPU waiting."""
-    spans = sorted(
+def _gpu_spans(events: list) -> list[tuple[float, float, str]]:
+    """``(start us, end us, name)`` of every kernel and copy the profiler saw, by start."""
+    return sorted(
         (e.time_range.start, e.time_range.end, e.name)
         for e in events
         if e.device_type == torch.autograd.DeviceType.CUDA
     )
+
+
+def _idle_gaps(spans: list[tuple[float, float, str]], least_us: float = 40.0) -> list[str]:
+    """The GPU's idle gaps of at least ``least_us`` (us from the first kernel), each with the
+    kernels either side: where the host kept the GPU waiting."""
     if not spans:
         return []
-    first, end, last_name = spans[0][0], spans[0][1], spans[0][2]
+    first, end, last_name = spans[0]
     gaps = []
     for t0, t1, name in spans[1:]:
         if t0 - end >= least_us:
@@ -133,15 +137,10 @@ def _idle_gaps(events: list, least_us: float = 40.0) -> list[str]:
     return gaps
 
 
-def _busy_ms(events: list) -> float:
+def _busy_ms(spans: list[tuple[float, float, str]]) -> float:
     """Milliseconds in which some kernel or copy ran on the GPU (overlaps counted once)."""
-    spans = sorted(
-        (e.time_range.start, e.time_range.end)
-        for e in events
-        if e.device_type == torch.autograd.DeviceType.CUDA
-    )
     total, end = 0.0, float("-inf")
-    for t0, t1 in spans:
+    for t0, t1, _ in spans:
         if t1 > end:
             total += t1 - max(t0, end)
             end = t1
@@ -192,14 +191,9 @@ class Bench:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def back_to_back_ms(self, step: Callable[[], None], everyone: bool) -> float:
-        """Mean ms of ``--back-to-back`` iterations issued without waiting, as a model's
-        layers run (the host's start-up of one call overlaps the GPU work of the one before);
-        slowest rank when ``everyone``."""
-        calls = self.args.back_to_back
-        if everyone:
-            dist.barrier()
-        self.sync()
+    def _elapsed_ms(self, step: Callable[[], None], calls: int) -> float:
+        """Milliseconds of ``calls`` calls of ``step`` issued back to back (device events on
+        CUDA, wall time on CPU)."""
         if self.device.type == "cuda":
             start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
             start.record()
@@ -207,17 +201,33 @@ class Bench:
                 step()
             end.record()
             end.synchronize()
-            elapsed = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                step()
-            elapsed = (time.perf_counter() - t0) * 1e3
-        ms = torch.tensor([elapsed / calls], dtype=torch.float64)
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            step()
+        return (time.perf_counter() - t0) * 1e3
+
+    def _slowest(self, ms: float, everyone: bool) -> float:
+        """``ms``, or its maximum over the ranks when ``everyone``."""
+        found = torch.tensor([ms], dtype=torch.float64)
         if everyone:
-            ms = ms.to(self.device)
-            dist.all_reduce(ms, op=dist.ReduceOp.MAX)
-        return float(ms)
+            found = found.to(self.device)
+            dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        return float(found)
+
+    def _idle(self, everyone: bool) -> None:
+        """Start from an idle GPU, with every rank at the same point when ``everyone``."""
+        if everyone:
+            dist.barrier()
+        self.sync()
+
+    def back_to_back_ms(self, step: Callable[[], None], everyone: bool) -> float:
+        """Mean ms of ``--back-to-back`` iterations issued without waiting, as a model's
+        layers run (the host's start-up of one call overlaps the GPU work of the one before);
+        slowest rank when ``everyone``."""
+        calls = self.args.back_to_back
+        self._idle(everyone)
+        return self._slowest(self._elapsed_ms(step, calls) / calls, everyone)
 
     def time_ms(self, step: Callable[[], None], everyone: bool) -> float:
         """Median ms of ``step``, each iteration from an idle GPU (slowest rank when
@@ -227,25 +237,9 @@ class Bench:
         self.sync()
         times = []
         for _ in range(self.args.iters):
-            if everyone:
-                dist.barrier()
-            self.sync()
-            if self.device.type == "cuda":
-                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-                start.record()
-                step()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                step()
-                times.append((time.perf_counter() - t0) * 1e3)
-        ms = torch.tensor([statistics.median(times)], dtype=torch.float64)
-        if everyone:
-            ms = ms.to(self.device)
-            dist.all_reduce(ms, op=dist.ReduceOp.MAX)
-        return float(ms)
+            self._idle(everyone)
+            times.append(self._elapsed_ms(step, 1))
+        return self._slowest(statistics.median(times), everyone)
 
     def profile(self, case: Case, method: str, step: Callable[[], None], everyone: bool) -> None:
         """Print the busiest GPU kernels of two iterations (rank 0), ms per iteration."""
@@ -261,9 +255,9 @@ class Bench:
         if everyone and self.world > 1:
             # Each rank's attention kernels and transfers: a rank that waits on its peers
             # shows it in its transfer time, the slowest rank in its kernels.
-            events = prof.events()
-            mine = {"flex": 0.0, "nccl": 0.0, "busy": _busy_ms(events) / 2}
-            mine["gaps"] = _idle_gaps(events)
+            spans = _gpu_spans(prof.events())
+            mine = {"flex": 0.0, "nccl": 0.0, "busy": _busy_ms(spans) / 2}
+            mine["gaps"] = _idle_gaps(spans)
             for e in rows:
                 if not str(getattr(e, "device_type", "")).endswith("CUDA"):
                     continue  # the CPU-side record of a launch carries its kernel's time too

@@ -184,6 +184,14 @@ def _graph_parts(case: BenchCase, device: torch.device) -> list[tuple[str, float
 
 def _graph_cprofile(step) -> None:
     """Print (rank 0) where the replayed forward+backward's host time goes, by function."""
+    text = _cprofile(step, CALLS, 30)
+    if dist.get_rank() == 0:
+        print(f"--- replayed fwd+bwd, {CALLS} calls\n" + text)
+
+
+def _cprofile(fn, calls: int, top: int) -> str:
+    """The ``top`` functions by own host time over ``calls`` calls of ``fn`` (every rank
+    runs them; the GPU is idle and the ranks in step when it starts)."""
     import cProfile
     import io
     import pstats
@@ -192,14 +200,13 @@ def _graph_cprofile(step) -> None:
     dist.barrier()
     prof = cProfile.Profile()
     prof.enable()
-    for _ in range(CALLS):
-        step()
+    for _ in range(calls):
+        fn()
     prof.disable()
     torch.cuda.synchronize()
-    if dist.get_rank() == 0:
-        buf = io.StringIO()
-        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
-        print(f"--- replayed fwd+bwd, {CALLS} calls\n" + buf.getvalue().split("\n\n", 2)[-1])
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue().split("\n\n", 2)[-1]
 
 
 def _inputs_for(case: BenchCase, device: torch.device) -> list[torch.Tensor]:
@@ -256,10 +263,6 @@ def _sync_report(case: BenchCase, device: torch.device) -> str:
 
 def _python_profiles(case: BenchCase, device: torch.device) -> str:
     """cProfile of forward calls and of the ring backward called directly (main thread)."""
-    import cProfile
-    import io
-    import pstats
-
     from ringattn import ring
 
     world = dist.get_world_size()
@@ -289,17 +292,7 @@ def _python_profiles(case: BenchCase, device: torch.device) -> str:
     for name, fn, calls in (("forward", fwd, 50), ("ring backward", lambda: original(*args), 20)):
         for _ in range(3):
             fn()
-        torch.cuda.synchronize()
-        dist.barrier()
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(calls):
-            fn()
-        prof.disable()
-        torch.cuda.synchronize()
-        buf = io.StringIO()
-        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(14)
-        text.append(f"--- {name}, {calls} calls\n" + buf.getvalue().split("\n\n", 2)[-1])
+        text.append(f"--- {name}, {calls} calls\n" + _cprofile(fn, calls, 14))
     return "\n".join(text)
 
 

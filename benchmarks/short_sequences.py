@@ -26,6 +26,8 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -94,7 +96,20 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
-def _one_length(seq: int, world: int, strategy: str) -> dict:
+@dataclass
+class _Steps:
+    """One GPU's forward+backward and ringattn's on the same inputs (``full``, and this
+    rank's ``shards``); ``ring`` keeps its last output and gradients in ``last``."""
+
+    one_gpu: Callable[[], None]
+    ring: Callable[[], None]
+    ring_forward: Callable[[], None]
+    full: list[torch.Tensor]
+    shards: list[torch.Tensor]
+    last: dict[str, object]
+
+
+def _steps(seq: int, strategy: str) -> _Steps:
     full = _inputs(seq, seed=seq)
     q1, k1, v1 = (x.clone().requires_grad_() for x in full[:3])
 
@@ -121,6 +136,13 @@ def _one_length(seq: int, world: int, strategy: str) -> dict:
         with torch.no_grad():
             call()
 
+    return _Steps(one_gpu, ring, ring_forward, full, shards, last)
+
+
+def _one_length(seq: int, world: int, strategy: str) -> dict:
+    steps = _steps(seq, strategy)
+    full, last = steps.full, steps.last
+    one_gpu, ring, ring_forward = steps.one_gpu, steps.ring, steps.ring_forward
     base = _time(one_gpu)
     mine = _time(ring)
     fwd = _time(ring_forward)

@@ -14,17 +14,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.dirname(__file__))
 
-import ringattn  # noqa: E402
+import short_sequences  # noqa: E402
 
-HEADS, KV_HEADS, DIM = 32, 8, 128
 # Host ranges worth showing (prefix match on the profiler's event names).
 SHOWN = (
     "call",
@@ -86,29 +85,11 @@ def _timeline(events: list, title: str) -> str:
     return "\n".join(lines)
 
 
-def _steps(seq: int) -> list[tuple[str, object]]:
-    """One GPU's cuDNN call and ringattn's, forward+backward, on the same inputs."""
-    g = torch.Generator(device="cuda").manual_seed(seq)
-    shapes = ((1, HEADS, seq, DIM), (1, KV_HEADS, seq, DIM), (1, KV_HEADS, seq, DIM))
-    full = [
-        torch.randn(s, generator=g, device="cuda", dtype=torch.bfloat16)
-        for s in (*shapes, shapes[0])
-    ]
-    q1, k1, v1 = (x.clone().requires_grad_() for x in full[:3])
-
-    def one_gpu() -> None:
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            out = F.scaled_dot_product_attention(q1, k1, v1, is_causal=True, enable_gqa=True)
-        torch.autograd.grad(out, (q1, k1, v1), full[3])
-
-    shards = [ringattn.shard(x).contiguous() for x in full]
-    q, k, v = (x.clone().requires_grad_() for x in shards[:3])
-
-    def ring() -> None:
-        out = ringattn.ring_attention(q, k, v, causal=True, backend="cudnn")
-        torch.autograd.grad(out, (q, k, v), shards[3])
-
-    return [(f"one GPU, {seq} tokens", one_gpu), (f"ringattn, {seq} tokens", ring)]
+def _steps(seq: int) -> list[tuple[str, Callable[[], None]]]:
+    """One GPU's cuDNN call and ringattn's, forward+backward, on the same inputs (those of
+    benchmarks/short_sequences.py)."""
+    steps = short_sequences._steps(seq, "ring_attention")
+    return [(f"one GPU, {seq} tokens", steps.one_gpu), (f"ringattn, {seq} tokens", steps.ring)]
 
 
 def main() -> int:

@@ -140,32 +140,52 @@ def _splits(pieces: tuple[tuple[int, Tensor], ...], world: int, per_key: int) ->
     return sizes
 
 
+def _views(
+    flat: Tensor, pieces: tuple[tuple[int, Tensor], ...], sizes: list[int], like: Tensor
+) -> list[Tensor]:
+    """Per piece, its ``[2, B, H, n, D]`` view of ``flat`` (peers' parts in rank order,
+    ``sizes`` elements each; B, H and D those of ``like``)."""
+    b, h, _, d = like.shape
+    starts = [sum(sizes[:peer]) for peer in range(len(sizes))]
+    return [
+        flat[starts[peer] : starts[peer] + sizes[peer]].view(2, b, h, idx.numel(), d)
+        for peer, idx in pieces
+    ]
+
+
 def _pack(
     k: Tensor, v: Tensor, pieces: tuple[tuple[int, Tensor], ...], ex: KVExchange, sizes: list[int]
 ) -> Tensor:
-    """One flat buffer holding, per peer in rank order, ``[2, B, H, n, D]``: K and V at
-    that peer's indices (selected straight into it, no staging copy)."""
-    b, h, _, d = k.shape
+    """One flat buffer holding, per peer in rank order, K and V at that peer's indices
+    (selected straight into it, no staging copy; see :func:`_views`)."""
     flat = k.new_empty(sum(sizes))
-    start = [sum(sizes[:peer]) for peer in range(len(sizes))]
-    for peer, idx in pieces:
+    for (_, idx), piece in zip(pieces, _views(flat, pieces, sizes, k)):
         at = ex.on(k.device, idx)
-        piece = flat[start[peer] : start[peer] + sizes[peer]].view(2, b, h, idx.numel(), d)
         torch.index_select(k, 2, at, out=piece[0])
         torch.index_select(v, 2, at, out=piece[1])
     return flat
 
 
-def _unpacked(
-    flat: Tensor, pieces: tuple[tuple[int, Tensor], ...], sizes: list[int], like: Tensor
-) -> list[Tensor]:
-    """The ``[2, B, H, n, D]`` views of ``flat`` per piece (see :func:`_pack`)."""
-    b, h, _, d = like.shape
-    out = []
-    for peer, idx in pieces:
-        begin = sum(sizes[:peer])
-        out.append(flat[begin : begin + sizes[peer]].view(2, b, h, idx.numel(), d))
-    return out
+def _start_exchange(
+    k: Tensor,
+    v: Tensor,
+    outgoing: tuple[tuple[int, Tensor], ...],
+    incoming: tuple[tuple[int, Tensor], ...],
+    ex: KVExchange,
+    group: dist.ProcessGroup,
+    what: str,
+) -> tuple[comm.PendingShift, list[Tensor]]:
+    """Post the all-to-all that sends K and V at ``outgoing``'s indices to each peer and
+    receives ``incoming``'s keys from each; returns it (``wait()`` before reading) and the
+    ``[2, B, H, n, D]`` pieces the received keys land in, in ``incoming``'s order."""
+    b, h, _, d = k.shape
+    per_key = 2 * b * h * d
+    send_sizes = _splits(outgoing, ex.world_size, per_key)
+    recv_sizes = _splits(incoming, ex.world_size, per_key)
+    sent = _pack(k, v, outgoing, ex, send_sizes)
+    received = k.new_empty(sum(recv_sizes))
+    pending = comm.all_to_all_into(received, sent, recv_sizes, send_sizes, group, what)
+    return pending, _views(received, incoming, recv_sizes, k)
 
 
 class _FetchKV(torch.autograd.Function):
@@ -176,22 +196,17 @@ class _FetchKV(torch.autograd.Function):
         n = ex.positions.numel()
         k_ext, v_ext = k.new_empty((b, h, n, d)), v.new_empty((b, h, n, d))
         own = ex.on(dev, ex.own_slots)
-        fetch = tuple((src, idx) for src, idx, _ in ex.fetch)
-        per_key = 2 * b * h * d
-        send_sizes = _splits(ex.serve, ex.world_size, per_key)
-        recv_sizes = _splits(fetch, ex.world_size, per_key)
         pending = None
         if ex.most_fetched:  # some rank of the group fetches: every rank takes part
-            sent = _pack(k, v, ex.serve, ex, send_sizes)
-            received = k.new_empty(sum(recv_sizes))
+            fetch = tuple((src, idx) for src, idx, _ in ex.fetch)
             what = "fetching the keys this rank's queries see"
-            pending = comm.all_to_all_into(received, sent, recv_sizes, send_sizes, group, what)
+            pending, received = _start_exchange(k, v, ex.serve, fetch, ex, group, what)
         # The own keys are laid out while the transfer runs.
         k_ext.index_copy_(2, own, k)
         v_ext.index_copy_(2, own, v)
         if pending is not None:
             pending.wait()
-            for (_, _, slots), buf in zip(ex.fetch, _unpacked(received, fetch, recv_sizes, k)):
+            for (_, _, slots), buf in zip(ex.fetch, received):
                 at = ex.on(dev, slots)
                 k_ext.index_copy_(2, at, buf[0])
                 v_ext.index_copy_(2, at, buf[1])
@@ -208,20 +223,14 @@ class _FetchKV(torch.autograd.Function):
         wide = dtype if len(ex.serve) <= 1 else accumulation_dtype(dtype)
         if not ex.most_fetched:
             return dk_ext.index_select(2, own), dv_ext.index_select(2, own), None, None
-        b, h, _, d = dk_ext.shape
-        per_key = 2 * b * h * d
         # The fetched keys' gradients go back to their sources (at the slots they filled);
         # the own keys' are taken out while they travel.
         slots = tuple((src, slot) for src, _, slot in ex.fetch)
-        send_sizes = _splits(slots, ex.world_size, per_key)
-        recv_sizes = _splits(ex.serve, ex.world_size, per_key)
-        sent = _pack(dk_ext, dv_ext, slots, ex, send_sizes)
-        received = dk_ext.new_empty(sum(recv_sizes))
         what = "returning the fetched keys' gradients"
-        pending = comm.all_to_all_into(received, sent, recv_sizes, send_sizes, group, what)
+        pending, received = _start_exchange(dk_ext, dv_ext, slots, ex.serve, ex, group, what)
         dk, dv = (g.index_select(2, own).to(wide) for g in (dk_ext, dv_ext))
         pending.wait()
-        for (_, idx), buf in zip(ex.serve, _unpacked(received, ex.serve, recv_sizes, dk_ext)):
+        for (_, idx), buf in zip(ex.serve, received):
             at = ex.on(dev, idx)
             dk.index_add_(2, at, buf[0].to(wide))
             dv.index_add_(2, at, buf[1].to(wide))
