@@ -21,7 +21,10 @@ For each case, forward+backward of one attention layer (bf16, 32 query / 8 K/V h
 query the number of keys its mask lets it see, counted from the positions each rank holds.
 Times are medians of ``--iters`` iterations after ``--warmup``, each timed from an idle
 GPU with device events after a barrier, slowest rank; ``--back-to-back N`` also times N
-iterations issued without waiting (``b2b_ms``), as a model's layers run. ``--dry-run``
+iterations issued without waiting (``b2b_ms``), as a model's layers run;
+``--vary-documents`` runs each ringattn row once on another batch's documents first (the
+timed calls then run what a training run's later batches run); ``--host`` prints each rank's
+host time per call and a cProfile of the slowest host. ``--dry-run``
 runs every row on CPU (Gloo) at tiny sizes, in float32, to check the script.
 
     torchrun --nproc-per-node 2 benchmarks/masks_bench.py --json masks.json
@@ -288,6 +291,45 @@ class Bench:
                 ms = e.self_device_time_total / 2e3
                 print(f"   {ms:8.3f} ms  x{e.count // 2:<4d} {e.key[:90]}")
 
+    def host_time(self, attend: Callable[[], torch.Tensor]) -> None:
+        """Print each rank's host time (us, median of the iterations, each from an idle GPU)
+        to issue the forward call and the backward, and the whole iteration's; then where
+        the slowest host spends its time (cProfile, by cumulative time)."""
+        import cProfile
+        import io
+        import pstats
+
+        spans: list[tuple[float, float, float]] = []
+        for _ in range(self.args.iters):
+            self._idle(True)
+            t0 = time.perf_counter()
+            out = attend()
+            t1 = time.perf_counter()
+            out.backward(torch.ones_like(out))
+            t2 = time.perf_counter()
+            self.sync()
+            spans.append(((t1 - t0) * 1e6, (t2 - t1) * 1e6, (time.perf_counter() - t0) * 1e6))
+        mine = [statistics.median(x) for x in zip(*spans)]
+        self._idle(True)
+        prof = cProfile.Profile()
+        # The backward on the calling thread, where the profiler sees it.
+        with torch.autograd.set_multithreading_enabled(False):
+            prof.enable()
+            for _ in range(self.args.iters):
+                _forward_backward(attend)
+            prof.disable()
+        self.sync()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(45)
+        every: list = [None] * self.world
+        dist.all_gather_object(every, (mine, buf.getvalue().split("\n\n", 2)[-1]))
+        if self.rank == 0:
+            for r, ((fwd, bwd, whole), _) in enumerate(every):
+                print(f"   rank {r}: host us: forward {fwd:.0f}, backward issue {bwd:.0f}, "
+                      f"iteration (synchronised) {whole:.0f}")  # fmt: skip
+            slowest = max(range(self.world), key=lambda r: every[r][0][0] + every[r][0][1])
+            print(f"   rank {slowest} cProfile, {self.args.iters} iterations:\n{every[slowest][1]}")
+
     def peak_gib(self) -> float | None:
         if self.device.type != "cuda":
             return None
@@ -427,7 +469,13 @@ class Bench:
         return run
 
     def measure(
-        self, case: Case, method: str, step: Callable[[], None], everyone: bool, **extra
+        self,
+        case: Case,
+        method: str,
+        step: Callable[[], None],
+        everyone: bool,
+        attend: Callable[[], torch.Tensor] | None = None,
+        **extra,
     ) -> float | None:
         self.reset_peak()
         try:
@@ -441,6 +489,8 @@ class Bench:
             return None
         if self.args.profile:
             self.profile(case, method, step, everyone)
+        if self.args.host and everyone and attend is not None:
+            self.host_time(attend)
         self.emit(
             {
                 "case": case.name,
@@ -474,6 +524,13 @@ class Bench:
         if case.kind == "window" and "ring" in strategies:
             variants.insert(1, ("ringattn-ring-contiguous", "ring", "contiguous"))
         positions = torch.arange(case.seq, device=self.device)[None]
+        earlier = None
+        if self.args.vary_documents and documents is not None:
+            # Another batch's documents first, as a training run brings them: the timed
+            # calls then run the kernels compiled for changing shapes.
+            mean = max(4, round(self.args.mean_doc * min(1.0, case.seq / 65536)))
+            mix = heavy_tailed_lengths(case.seq, mean, 2 * self.world, seed=1)
+            earlier = ringattn.Documents.from_lengths(mix)
         for method, strategy, layout in variants:
             cut = {"documents": documents} if documents is not None else {"layout": layout}
             local = [ringattn.shard(x, dim=2, **cut).detach().requires_grad_() for x in (q, k, v)]
@@ -486,7 +543,18 @@ class Bench:
             else:
                 attend = functools.partial(ringattn.attention, *local, strategy=strategy, **options)
             step = functools.partial(_forward_backward, attend)
-            self.measure(case, method, step, everyone=True, imbalance=self.imbalance(held, case))
+            if earlier is not None:
+                other = [ringattn.shard(x, dim=2, documents=earlier).detach().requires_grad_()
+                         for x in (q, k, v)]  # fmt: skip
+                call = ringattn.ring_attention if strategy == "ring" else ringattn.attention
+                extra = {} if strategy == "ring" else {"strategy": strategy}
+                _forward_backward(
+                    functools.partial(call, *other, **{**options, **extra, "documents": earlier})
+                )
+                del other
+            self.measure(
+                case, method, step, True, attend=attend, imbalance=self.imbalance(held, case)
+            )
             del local, step, attend
 
     # -- PyTorch's context parallelism ------------------------------------------------------
@@ -535,7 +603,9 @@ class Bench:
             held = shards[3].flatten().round().long()
             attend = functools.partial(layer, *local, block_mask=block_mask)
             step = attend if self.dry else functools.partial(_forward_backward, attend)
-            self.measure(case, method, step, everyone=True, imbalance=self.imbalance(held, case))
+            self.measure(
+                case, method, step, True, attend=attend, imbalance=self.imbalance(held, case)
+            )
 
     # -- layouts only -----------------------------------------------------------------------
     def layout_rows(self, case: Case) -> None:
@@ -681,6 +751,16 @@ def main() -> None:
     p.add_argument("--md", help="with --report: also write the tables here")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--profile", action="store_true", help="print each method's top GPU kernels")
+    p.add_argument(
+        "--vary-documents",
+        action="store_true",
+        help="run each ringattn row once on another batch's documents before timing it",
+    )
+    p.add_argument(
+        "--host",
+        action="store_true",
+        help="print each rank's host time per call of ringattn's rows, and a cProfile",
+    )
     p.add_argument(
         "--back-to-back",
         type=int,

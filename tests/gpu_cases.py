@@ -9,6 +9,7 @@ tests/judge.py. Sizes: batch 2, 8 query heads, head dim 128, 1024 tokens per ran
 from __future__ import annotations
 
 import itertools
+import random
 import time
 from typing import Any
 
@@ -300,7 +301,60 @@ def run_masked(rank: int, world: int) -> list[dict]:
                 rows.append(
                     {"id": f"masked-{name}-{strategy}", "dtype": "bfloat16", "fields": fields}
                 )
+    rows += _new_batches(rank, world, flex)
     return rows if rank == 0 else []
+
+
+def _new_documents(tokens: int) -> list[list[int]]:
+    """Four document mixes of ``tokens`` tokens, as four batches of a run bring them (each
+    gives the masked all-gather another key count)."""
+    rnd = random.Random(5)
+    mixes = []
+    for i in range(4):
+        cuts = sorted(rnd.sample(range(1, tokens), 2 + i))
+        mixes.append([b - a for a, b in zip([0, *cuts], [*cuts, tokens])])
+    return mixes
+
+
+def _new_batches(rank: int, world: int, flex) -> list[dict]:  # noqa: ANN001
+    """The all-gather on four batches of new documents, each against float64, and how many
+    graphs FlexAttention compiled for them (rank 0's rows)."""
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from mask_cases import reference_attention, reference_mask
+
+    tokens = TOKENS_PER_RANK * world
+    rows, graphs = [], 0
+    for i, lengths in enumerate(_new_documents(tokens)):
+        case = {"batch": 2, "heads": 8, "seq": tokens, "causal": True, "window": None,
+                "segments": [(n, False) for n in lengths], "mask_mod": None}  # fmt: skip
+        dense = reference_mask(case).cuda()
+        full = _inputs(800 + i, tokens, 2, "bfloat16")
+        q64, k64, v64 = (x.double().requires_grad_() for x in full[:3])
+        ref_out, _ = reference_attention(q64, k64, v64, dense, 128**-0.5)
+        grads = torch.autograd.grad(ref_out, (q64, k64, v64), full[3].double())
+        want = dict(zip(FIELDS, (ref_out, *grads)))
+        block_mask = create_block_mask(_lookup(dense), 2, 8, tokens, tokens, device="cuda")
+        q1, k1, v1 = (x.detach().clone().requires_grad_() for x in full[:3])
+        out1 = flex(q1, k1, v1, block_mask=block_mask, enable_gqa=True)
+        same = dict(zip(FIELDS, (out1, *torch.autograd.grad(out1, (q1, k1, v1), full[3]))))
+        documents = ringattn.Documents.from_lengths(lengths)
+        q, k, v, dout = (ringattn.shard(x, documents=documents).detach().clone() for x in full)
+        leaves = [x.requires_grad_() for x in (q, k, v)]
+        before = counters["stats"]["unique_graphs"]
+        out = ringattn.attention(*leaves, strategy="allgather", causal=True, documents=documents)
+        out.backward(dout)
+        torch.cuda.synchronize()
+        graphs += counters["stats"]["unique_graphs"] - before
+        got = {"out": out, **{n: x.grad for n, x in zip(FIELDS[1:], leaves)}}
+        got = {n: ringattn.unshard(t, documents=documents) for n, t in got.items()}
+        if rank == 0:
+            fields = {n: (errors(got[n], want[n]), errors(same[n], want[n])) for n in FIELDS}
+            rows.append({"id": f"newdocs-{i}-allgather", "dtype": "bfloat16", "fields": fields})
+    if rank == 0:
+        rows.append({"id": "newdocs-graphs", "graphs": graphs})
+    return rows
 
 
 def run_triton_merge() -> list[dict]:

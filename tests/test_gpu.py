@@ -120,8 +120,21 @@ def masked_rows() -> list[dict]:
 def test_masks_over_nccl_every_strategy(masked_rows) -> None:
     """Documents, a window, both, and a prefix-LM mask function; ring, all-gather, Ulysses,
     auto (and the hybrid on 4 GPUs), bf16 with FlexAttention, against float64."""
-    rows = masked_rows
+    rows = _select(masked_rows, "masked-")
     world = min(torch.cuda.device_count(), 4)
     assert len(rows) == 4 * (5 if world >= 4 else 4)
     bad = _failures(rows)
     assert not bad, "\n".join(bad)
+
+
+def test_new_batches_of_documents_compile_at_most_once_more(masked_rows) -> None:
+    """Four batches of new documents through the all-gather (four key counts) are exact, and
+    FlexAttention compiles at most one more graph for all of them (shapes turn dynamic), not
+    one per batch."""
+    rows = _select(masked_rows, "newdocs-")
+    (graphs,) = [r["graphs"] for r in rows if r["id"] == "newdocs-graphs"]
+    checked = [r for r in rows if "fields" in r]
+    assert len(checked) == 4
+    bad = _failures(checked)
+    assert not bad, "\n".join(bad)
+    assert graphs <= 1, f"FlexAttention compiled {graphs} graphs for 4 new batches"

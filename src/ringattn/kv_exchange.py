@@ -5,10 +5,12 @@ causality; a mask function only removes keys from it). The all-gather strategy u
 therefore does not gather everything: :func:`kv_exchange` marks, for every rank, the global
 positions inside some interval of its queries, rounded out to whole tiles of
 :data:`ALIGN` positions (so the fetched keys keep the tile grid of the sequence), and lists
-for every pair of ranks the source's local indices the destination needs. One batched
-all-to-all moves them (K and V packed together, selected straight into the send buffer),
-and the destination lays its own keys and the fetched ones out in position order, the order
-the pair's mask is built for. A batch whose ranks fetch nothing (every document within one
+for every pair of ranks the source's local indices the destination needs. One all-to-all
+moves them key-major (a key's K and V side by side, each peer's keys one contiguous piece
+whatever the batch and head counts), so one kernel selects all of K straight into the send
+buffer and one lays all fetched K out, however many peers (V alike). The destination lays
+its own keys and the fetched ones out in position order, the order the pair's mask is built
+for. A batch whose ranks fetch nothing (every document within one
 rank) moves nothing: every rank knows it from the placement. A causal window of W reaches
 only W positions into the previous shard, so K/V travel ``W`` positions, not ``S``; packed
 documents fetch the documents a rank's queries are in.
@@ -53,6 +55,12 @@ class KVExchange:
     serve: tuple[tuple[int, Tensor], ...]  # (destination, this rank's local indices it needs)
     most_fetched: int  # the most keys any rank of the group fetches (the same on every rank)
     world_size: int
+    # The same, as the all-to-all moves them: every piece's indices in rank order, and the
+    # keys per rank (the pieces' sizes).
+    fetch_slots: Tensor  # the slots of ``fetch``'s pieces, one after the other
+    fetch_counts: tuple[int, ...]  # keys fetched from each rank
+    serve_index: Tensor  # the local indices of ``serve``'s pieces, one after the other
+    serve_counts: tuple[int, ...]  # keys served to each rank
     # Device copies of the index tensors above, made on first use (kept with the exchange).
     _on_device: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -124,68 +132,71 @@ def kv_exchange(spec: MaskSpec, placement: Placement, rank: int) -> KVExchange:
         idx = torch.nonzero(needs[d][own]).flatten()
         if idx.numel():
             serve.append((d, idx))
-    found = KVExchange(every[order], own_slots, tuple(fetch), tuple(serve), most, world)
+    fetch_counts, serve_counts = [0] * world, [0] * world
+    for src, idx, _ in fetch:
+        fetch_counts[src] = int(idx.numel())
+    for dst, idx in serve:
+        serve_counts[dst] = int(idx.numel())
+    empty = torch.zeros(0, dtype=torch.int64)
+    found = KVExchange(
+        every[order],
+        own_slots,
+        tuple(fetch),
+        tuple(serve),
+        most,
+        world,
+        torch.cat([empty, *(slots for _, _, slots in fetch)]),
+        tuple(fetch_counts),
+        torch.cat([empty, *(idx for _, idx in serve)]),
+        tuple(serve_counts),
+    )
     _CACHE[key] = found
     if len(_CACHE) > _CACHE_LIMIT:
         _CACHE.popitem(last=False)
     return found
 
 
-def _splits(pieces: tuple[tuple[int, Tensor], ...], world: int, per_key: int) -> list[int]:
-    """All-to-all split sizes (elements per rank, in rank order) of ``(rank, indices)``
-    pieces, each ``per_key`` elements per key."""
-    sizes = [0] * world
-    for peer, idx in pieces:
-        sizes[peer] = int(idx.numel()) * per_key
-    return sizes
+def _wire(x: Tensor, n: int) -> Tensor:
+    """An empty ``[n, 2, B, H, D]`` buffer for ``n`` keys of ``x``'s K and V, key-major: each
+    peer's keys are one contiguous piece of it, whatever B and H are."""
+    b, h, _, d = x.shape
+    return x.new_empty((n, 2, b, h, d))
 
 
-def _views(
-    flat: Tensor, pieces: tuple[tuple[int, Tensor], ...], sizes: list[int], like: Tensor
-) -> list[Tensor]:
-    """Per piece, its ``[2, B, H, n, D]`` view of ``flat`` (peers' parts in rank order,
-    ``sizes`` elements each; B, H and D those of ``like``)."""
-    b, h, _, d = like.shape
-    starts = [sum(sizes[:peer]) for peer in range(len(sizes))]
-    return [
-        flat[starts[peer] : starts[peer] + sizes[peer]].view(2, b, h, idx.numel(), d)
-        for peer, idx in pieces
-    ]
-
-
-def _pack(
-    k: Tensor, v: Tensor, pieces: tuple[tuple[int, Tensor], ...], ex: KVExchange, sizes: list[int]
-) -> Tensor:
-    """One flat buffer holding, per peer in rank order, K and V at that peer's indices
-    (selected straight into it, no staging copy; see :func:`_views`)."""
-    flat = k.new_empty(sum(sizes))
-    for (_, idx), piece in zip(pieces, _views(flat, pieces, sizes, k)):
-        at = ex.on(k.device, idx)
-        torch.index_select(k, 2, at, out=piece[0])
-        torch.index_select(v, 2, at, out=piece[1])
-    return flat
+def _as_keys(buf: Tensor, which: int) -> Tensor:
+    """``buf``'s K (0) or V (1) as a ``[B, H, n, D]`` view (strided: no copy)."""
+    return buf[:, which].permute(1, 2, 0, 3)
 
 
 def _start_exchange(
     k: Tensor,
     v: Tensor,
-    outgoing: tuple[tuple[int, Tensor], ...],
-    incoming: tuple[tuple[int, Tensor], ...],
-    ex: KVExchange,
+    send_at: Tensor,
+    send_counts: tuple[int, ...],
+    recv_counts: tuple[int, ...],
     group: dist.ProcessGroup,
     what: str,
-) -> tuple[comm.PendingShift, list[Tensor]]:
-    """Post the all-to-all that sends K and V at ``outgoing``'s indices to each peer and
-    receives ``incoming``'s keys from each; returns it (``wait()`` before reading) and the
-    ``[2, B, H, n, D]`` pieces the received keys land in, in ``incoming``'s order."""
+) -> tuple[comm.PendingShift, Tensor]:
+    """Post the all-to-all that sends K and V at ``send_at`` (positions along dim 2, the
+    destinations' pieces in rank order, ``send_counts`` keys each) and receives
+    ``recv_counts`` keys from each rank; returns it (``wait()`` before reading) and the
+    ``[n, 2, B, H, D]`` buffer the received keys land in, in rank order. K and V are selected
+    straight into the send buffer: one kernel each, however many peers."""
     b, h, _, d = k.shape
     per_key = 2 * b * h * d
-    send_sizes = _splits(outgoing, ex.world_size, per_key)
-    recv_sizes = _splits(incoming, ex.world_size, per_key)
-    sent = _pack(k, v, outgoing, ex, send_sizes)
-    received = k.new_empty(sum(recv_sizes))
-    pending = comm.all_to_all_into(received, sent, recv_sizes, send_sizes, group, what)
-    return pending, _views(received, incoming, recv_sizes, k)
+    sent = _wire(k, sum(send_counts))
+    torch.index_select(k.permute(2, 0, 1, 3), 0, send_at, out=sent[:, 0])
+    torch.index_select(v.permute(2, 0, 1, 3), 0, send_at, out=sent[:, 1])
+    received = _wire(k, sum(recv_counts))
+    pending = comm.all_to_all_into(
+        received.view(-1),
+        sent.view(-1),
+        [n * per_key for n in recv_counts],
+        [n * per_key for n in send_counts],
+        group,
+        what,
+    )
+    return pending, received
 
 
 class _FetchKV(torch.autograd.Function):
@@ -198,18 +209,19 @@ class _FetchKV(torch.autograd.Function):
         own = ex.on(dev, ex.own_slots)
         pending = None
         if ex.most_fetched:  # some rank of the group fetches: every rank takes part
-            fetch = tuple((src, idx) for src, idx, _ in ex.fetch)
             what = "fetching the keys this rank's queries see"
-            pending, received = _start_exchange(k, v, ex.serve, fetch, ex, group, what)
+            serve_at = ex.on(dev, ex.serve_index)
+            counts = (ex.serve_counts, ex.fetch_counts)
+            pending, received = _start_exchange(k, v, serve_at, *counts, group, what)
         # The own keys are laid out while the transfer runs.
         k_ext.index_copy_(2, own, k)
         v_ext.index_copy_(2, own, v)
         if pending is not None:
             pending.wait()
-            for (_, _, slots), buf in zip(ex.fetch, received):
-                at = ex.on(dev, slots)
-                k_ext.index_copy_(2, at, buf[0])
-                v_ext.index_copy_(2, at, buf[1])
+            if received.size(0):
+                slots = ex.on(dev, ex.fetch_slots)
+                k_ext.index_copy_(2, slots, _as_keys(received, 0))
+                v_ext.index_copy_(2, slots, _as_keys(received, 1))
         ctx.ex, ctx.group = ex, group
         return k_ext, v_ext
 
@@ -223,17 +235,20 @@ class _FetchKV(torch.autograd.Function):
         wide = dtype if len(ex.serve) <= 1 else accumulation_dtype(dtype)
         if not ex.most_fetched:
             return dk_ext.index_select(2, own), dv_ext.index_select(2, own), None, None
-        # The fetched keys' gradients go back to their sources (at the slots they filled);
+        # The fetched keys' gradients go back to their sources (from the slots they filled);
         # the own keys' are taken out while they travel.
-        slots = tuple((src, slot) for src, _, slot in ex.fetch)
         what = "returning the fetched keys' gradients"
-        pending, received = _start_exchange(dk_ext, dv_ext, slots, ex.serve, ex, group, what)
+        slots = ex.on(dev, ex.fetch_slots)
+        counts = (ex.fetch_counts, ex.serve_counts)
+        pending, received = _start_exchange(dk_ext, dv_ext, slots, *counts, group, what)
         dk, dv = (g.index_select(2, own).to(wide) for g in (dk_ext, dv_ext))
         pending.wait()
-        for (_, idx), buf in zip(ex.serve, received):
-            at = ex.on(dev, idx)
-            dk.index_add_(2, at, buf[0].to(wide))
-            dv.index_add_(2, at, buf[1].to(wide))
+        if received.size(0):
+            # A key served to several ranks appears once per rank: index_add_ sums them.
+            served = ex.on(dev, ex.serve_index)
+            received = received.to(wide)
+            dk.index_add_(2, served, _as_keys(received, 0))
+            dv.index_add_(2, served, _as_keys(received, 1))
         return dk.to(dtype), dv.to(dtype), None, None
 
 
