@@ -23,7 +23,8 @@ Times are medians of ``--iters`` iterations after ``--warmup``, each timed from 
 GPU with device events after a barrier, slowest rank; ``--back-to-back N`` also times N
 iterations issued without waiting (``b2b_ms``), as a model's layers run;
 ``--vary-documents`` runs each ringattn row once on another batch's documents first (the
-timed calls then run what a training run's later batches run); ``--host`` prints each rank's
+timed calls then run what a training run's later batches run; ``new_documents_s`` is that
+first call's time, compiles included); ``--host`` prints each rank's
 host time per call and a cProfile of the slowest host. ``--dry-run``
 runs every row on CPU (Gloo) at tiny sizes, in float32, to check the script.
 
@@ -543,18 +544,23 @@ class Bench:
             else:
                 attend = functools.partial(ringattn.attention, *local, strategy=strategy, **options)
             step = functools.partial(_forward_backward, attend)
+            facts: dict[str, Any] = {"imbalance": self.imbalance(held, case)}
             if earlier is not None:
                 other = [ringattn.shard(x, dim=2, documents=earlier).detach().requires_grad_()
                          for x in (q, k, v)]  # fmt: skip
                 call = ringattn.ring_attention if strategy == "ring" else ringattn.attention
                 extra = {} if strategy == "ring" else {"strategy": strategy}
+                self._idle(True)
+                t0 = time.perf_counter()
                 _forward_backward(
                     functools.partial(call, *other, **{**options, **extra, "documents": earlier})
                 )
+                self.sync()
+                # The first call on a new batch: what a run pays when that compiles again.
+                seconds = self._slowest(time.perf_counter() - t0, True)
+                facts["new_documents_s"] = round(seconds, 2)
                 del other
-            self.measure(
-                case, method, step, True, attend=attend, imbalance=self.imbalance(held, case)
-            )
+            self.measure(case, method, step, True, attend=attend, **facts)
             del local, step, attend
 
     # -- PyTorch's context parallelism ------------------------------------------------------
