@@ -539,22 +539,19 @@ class Bench:
             options = dict(causal=causal, backend=backend, **masks)
             if documents is None:
                 options["layout"] = layout
-            if strategy == "ring":
-                attend = functools.partial(ringattn.ring_attention, *local, **options)
-            else:
-                attend = functools.partial(ringattn.attention, *local, strategy=strategy, **options)
+            if strategy != "ring":
+                options["strategy"] = strategy
+            call = ringattn.ring_attention if strategy == "ring" else ringattn.attention
+            attend = functools.partial(call, *local, **options)
             step = functools.partial(_forward_backward, attend)
             facts: dict[str, Any] = {"imbalance": self.imbalance(held, case)}
             if earlier is not None:
                 other = [ringattn.shard(x, dim=2, documents=earlier).detach().requires_grad_()
                          for x in (q, k, v)]  # fmt: skip
-                call = ringattn.ring_attention if strategy == "ring" else ringattn.attention
-                extra = {} if strategy == "ring" else {"strategy": strategy}
                 self._idle(True)
                 t0 = time.perf_counter()
-                _forward_backward(
-                    functools.partial(call, *other, **{**options, **extra, "documents": earlier})
-                )
+                again = {**options, "documents": earlier}
+                _forward_backward(functools.partial(call, *other, **again))
                 self.sync()
                 # The first call on a new batch: what a run pays when that compiles again.
                 seconds = self._slowest(time.perf_counter() - t0, True)
@@ -609,9 +606,7 @@ class Bench:
             held = shards[3].flatten().round().long()
             attend = functools.partial(layer, *local, block_mask=block_mask)
             step = attend if self.dry else functools.partial(_forward_backward, attend)
-            self.measure(
-                case, method, step, True, attend=attend, imbalance=self.imbalance(held, case)
-            )
+            self.measure(case, method, step, everyone=True, imbalance=self.imbalance(held, case))
 
     # -- layouts only -----------------------------------------------------------------------
     def layout_rows(self, case: Case) -> None:

@@ -242,9 +242,9 @@ def run_masked(rank: int, world: int) -> list[dict]:
     with the same dense mask; one-GPU FlexAttention in bf16 is the same-dtype comparator.
     Rank 0 returns the measured errors."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
-    from mask_cases import MASK_MODS, reference_attention, reference_mask
+    from mask_cases import MASK_MODS
 
     tokens = TOKENS_PER_RANK * world
     strategies = ["ring", "allgather", "ulysses", "auto"] + (["hybrid"] if world >= 4 else [])
@@ -262,25 +262,8 @@ def run_masked(rank: int, world: int) -> list[dict]:
             "window": window,
             "mask_mod": mod,
         }
-        dense = reference_mask(case).cuda()
         full = _inputs(700 + i, tokens, 2, "bfloat16")
-        scale = 128**-0.5
-        q64, k64, v64 = (x.double().requires_grad_() for x in full[:3])
-        ref_out, _ = reference_attention(q64, k64, v64, dense, scale)
-        want = dict(
-            zip(FIELDS, (ref_out, *torch.autograd.grad(ref_out, (q64, k64, v64), full[3].double())))
-        )
-        block_mask = create_block_mask(
-            _lookup(dense),
-            2,
-            8,
-            tokens,
-            tokens,
-            device="cuda",
-        )
-        q1, k1, v1 = (x.detach().clone().requires_grad_() for x in full[:3])
-        out1 = flex(q1, k1, v1, block_mask=block_mask, scale=scale, enable_gqa=True)
-        same = dict(zip(FIELDS, (out1, *torch.autograd.grad(out1, (q1, k1, v1), full[3]))))
+        want, same = _masked_references(case, full, flex)
         documents = ringattn.Documents.from_lengths(lengths) if docs else None
         for strategy in strategies:
             mesh = mesh2d if strategy == "hybrid" else None
@@ -305,6 +288,28 @@ def run_masked(rank: int, world: int) -> list[dict]:
     return rows if rank == 0 else []
 
 
+def _masked_references(case: dict, full: list[torch.Tensor], flex) -> tuple[dict, dict]:  # noqa: ANN001
+    """For ``full`` (q, k, v, dout) under the case's dense mask: float64 attention's out,
+    dq, dk, dv (the reference) and one-GPU FlexAttention's in the inputs' dtype (the
+    same-dtype comparator)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from mask_cases import reference_attention, reference_mask
+
+    tokens = case["seq"]
+    dense = reference_mask(case).cuda()
+    scale = 128**-0.5
+    q64, k64, v64 = (x.double().requires_grad_() for x in full[:3])
+    ref_out, _ = reference_attention(q64, k64, v64, dense, scale)
+    grads = torch.autograd.grad(ref_out, (q64, k64, v64), full[3].double())
+    want = dict(zip(FIELDS, (ref_out, *grads)))
+    block_mask = create_block_mask(_lookup(dense), 2, 8, tokens, tokens, device="cuda")
+    q1, k1, v1 = (x.detach().clone().requires_grad_() for x in full[:3])
+    out1 = flex(q1, k1, v1, block_mask=block_mask, scale=scale, enable_gqa=True)
+    same = dict(zip(FIELDS, (out1, *torch.autograd.grad(out1, (q1, k1, v1), full[3]))))
+    return want, same
+
+
 def _new_documents(tokens: int) -> list[list[int]]:
     """Four document mixes of ``tokens`` tokens, as four batches of a run bring them (each
     gives the masked all-gather another key count)."""
@@ -320,25 +325,14 @@ def _new_batches(rank: int, world: int, flex) -> list[dict]:  # noqa: ANN001
     """The all-gather on four batches of new documents, each against float64, and how many
     graphs FlexAttention compiled for them (rank 0's rows)."""
     from torch._dynamo.utils import counters
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    from mask_cases import reference_attention, reference_mask
 
     tokens = TOKENS_PER_RANK * world
     rows, graphs = [], 0
     for i, lengths in enumerate(_new_documents(tokens)):
         case = {"batch": 2, "heads": 8, "seq": tokens, "causal": True, "window": None,
                 "segments": [(n, False) for n in lengths], "mask_mod": None}  # fmt: skip
-        dense = reference_mask(case).cuda()
         full = _inputs(800 + i, tokens, 2, "bfloat16")
-        q64, k64, v64 = (x.double().requires_grad_() for x in full[:3])
-        ref_out, _ = reference_attention(q64, k64, v64, dense, 128**-0.5)
-        grads = torch.autograd.grad(ref_out, (q64, k64, v64), full[3].double())
-        want = dict(zip(FIELDS, (ref_out, *grads)))
-        block_mask = create_block_mask(_lookup(dense), 2, 8, tokens, tokens, device="cuda")
-        q1, k1, v1 = (x.detach().clone().requires_grad_() for x in full[:3])
-        out1 = flex(q1, k1, v1, block_mask=block_mask, enable_gqa=True)
-        same = dict(zip(FIELDS, (out1, *torch.autograd.grad(out1, (q1, k1, v1), full[3]))))
+        want, same = _masked_references(case, full, flex)
         documents = ringattn.Documents.from_lengths(lengths)
         q, k, v, dout = (ringattn.shard(x, documents=documents).detach().clone() for x in full)
         leaves = [x.requires_grad_() for x in (q, k, v)]

@@ -219,8 +219,6 @@ _current_device = getattr(torch._C, "_cuda_getDevice", torch.cuda.current_device
 _capturing = getattr(
     torch._C, "_cuda_isCurrentStreamCapturing", torch.cuda.is_current_stream_capturing
 )
-
-
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
