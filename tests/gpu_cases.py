@@ -321,19 +321,37 @@ def _new_documents(tokens: int) -> list[list[int]]:
     return mixes
 
 
+def _key_count(documents: ringattn.Documents, rank: int, world: int) -> int:
+    """The key count rank ``rank``'s all-gather kernel sees for ``documents`` (rounded to a
+    compiled size when its pair is partial)."""
+    from ringattn.balance import balanced_placement
+    from ringattn.kv_exchange import kv_exchange, padded_keys
+    from ringattn.mask_plan import fetched_plan
+    from ringattn.masks import MaskSpec
+
+    spec = MaskSpec.build(documents, True, None, None)
+    placement = balanced_placement(documents, world)
+    keys = kv_exchange(spec, placement, rank).positions
+    padded = padded_keys(keys.numel(), spec.seq_len)
+    plan = fetched_plan(spec, placement, rank, keys, "flex", padded)
+    return plan.mask.pair.kpos.numel() if plan.mask is not None else keys.numel()
+
+
 def _new_batches(rank: int, world: int, flex) -> list[dict]:  # noqa: ANN001
-    """The all-gather on four batches of new documents, each against float64, and how many
-    graphs FlexAttention compiled for them (rank 0's rows)."""
+    """The all-gather on four batches of new documents, each against float64; how many
+    graphs FlexAttention compiled for them and how many key sizes they brought (rank 0's
+    rows)."""
     from torch._dynamo.utils import counters
 
     tokens = TOKENS_PER_RANK * world
-    rows, graphs = [], 0
+    rows, graphs, sizes = [], 0, set()
     for i, lengths in enumerate(_new_documents(tokens)):
         case = {"batch": 2, "heads": 8, "seq": tokens, "causal": True, "window": None,
                 "segments": [(n, False) for n in lengths], "mask_mod": None}  # fmt: skip
         full = _inputs(800 + i, tokens, 2, "bfloat16")
         want, same = _masked_references(case, full, flex)
         documents = ringattn.Documents.from_lengths(lengths)
+        sizes.add(_key_count(documents, rank, world))
         q, k, v, dout = (ringattn.shard(x, documents=documents).detach().clone() for x in full)
         leaves = [x.requires_grad_() for x in (q, k, v)]
         before = counters["stats"]["unique_graphs"]
@@ -347,7 +365,7 @@ def _new_batches(rank: int, world: int, flex) -> list[dict]:  # noqa: ANN001
             fields = {n: (errors(got[n], want[n]), errors(same[n], want[n])) for n in FIELDS}
             rows.append({"id": f"newdocs-{i}-allgather", "dtype": "bfloat16", "fields": fields})
     if rank == 0:
-        rows.append({"id": "newdocs-graphs", "graphs": graphs})
+        rows.append({"id": "newdocs-graphs", "graphs": graphs, "sizes": len(sizes)})
     return rows
 
 

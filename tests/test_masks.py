@@ -316,6 +316,50 @@ def test_flex_block_mask_forward_matches_the_explicit_mask() -> None:
     torch.testing.assert_close(out_f, out_m, rtol=1e-5, atol=1e-5)
 
 
+def test_a_padded_pair_sees_what_the_pair_sees_and_nothing_past_it() -> None:
+    """Keys added past a pair's own (a key count rounded up to a compiled size) are seen by
+    no query: the explicit mask, the tile facts and FlexAttention's block mask (forward,
+    against the unpadded pair, with the added keys random rather than zero) agree."""
+    spec, pair = _pair_for_kernels(2)
+    wide = pair.padded(40)
+    assert wide.kpos.numel() == 40 and pair.padded(24) is pair
+    dense, dense_wide = pair.dense(2, 1), wide.dense(2, 1)
+    assert torch.equal(dense_wide[..., :24], dense) and not dense_wide[..., 24:].any()
+    touched, full = wide.tile_facts(8)
+    assert not touched[..., 3:].any() and not full[..., 3:].any()
+    assert torch.equal(touched[..., :3], pair.tile_facts(8)[0])
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, 16, 16, generator=g)
+    k = torch.randn(2, 2, 40, 16, generator=g)
+    v = torch.randn(2, 2, 40, 16, generator=g)
+    out_m, lse_m, _ = masked_kernels.MaskedBlock(pair, "math").forward(
+        q, k[:, :, :24], v[:, :, :24], 0.25
+    )
+    kernels = ["math"] + (["flex"] if masked_kernels.flex_available() else [])
+    for kernel in kernels:
+        out, lse, _ = masked_kernels.MaskedBlock(wide, kernel).forward(q, k, v, 0.25)
+        assert torch.equal(torch.isinf(lse), torch.isinf(lse_m))
+        finite = torch.isfinite(lse_m)
+        torch.testing.assert_close(lse[finite], lse_m[finite], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, out_m, rtol=1e-5, atol=1e-5)
+
+
+def test_key_counts_round_to_a_few_sizes() -> None:
+    """The masked all-gather's key count is rounded up by at most a quarter (and a tile),
+    to multiples of the tile, never past the sequence: few sizes over many batches."""
+    from ringattn.kv_exchange import ALIGN, padded_keys
+
+    seq = 65536
+    sizes = set()
+    for keys in range(1, seq + 1, 37):
+        got = padded_keys(keys, seq)
+        sizes.add(got)
+        assert keys <= got <= min(seq, keys + keys // 4 + ALIGN)
+        assert got % ALIGN == 0 or got == seq
+    assert padded_keys(seq, seq) == seq
+    assert len([n for n in sizes if n >= 16384]) <= 9  # 16K-64K: four sizes per doubling
+
+
 def test_flex_backward_gives_the_share_of_the_full_gradient(monkeypatch) -> None:
     """The recompute-and-reweight backward of the flex path, with a differentiable float64
     stand-in for FlexAttention (its own backward does not run on CPU)."""

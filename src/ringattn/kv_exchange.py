@@ -10,7 +10,9 @@ moves them key-major (a key's K and V side by side, each peer's keys one contigu
 whatever the batch and head counts), so one kernel selects all of K straight into the send
 buffer and one lays all fetched K out, however many peers (V alike). The destination lays
 its own keys and the fetched ones out in position order, the order the pair's mask is built
-for. A batch whose ranks fetch nothing (every document within one
+for, followed by zero keys that round the count up to one of a few sizes
+(:func:`padded_keys`): the count changes with every batch's documents, and the compiled
+kernel then keeps one graph per size. A batch whose ranks fetch nothing (every document within one
 rank) moves nothing: every rank knows it from the placement. A causal window of W reaches
 only W positions into the previous shard, so K/V travel ``W`` positions, not ``S``; packed
 documents fetch the documents a rank's queries are in.
@@ -38,7 +40,7 @@ from .balance import Placement
 from .kernels import accumulation_dtype
 from .masks import MaskSpec
 
-__all__ = ["ALIGN", "KVExchange", "fetch_kv", "kv_exchange"]
+__all__ = ["ALIGN", "KVExchange", "fetch_kv", "kv_exchange", "padded_keys"]
 
 # Fetched positions are rounded out to whole tiles of this many positions (FlexAttention's
 # block size), so a window's halo does not shift the shard's keys off the tile grid.
@@ -156,6 +158,24 @@ def kv_exchange(spec: MaskSpec, placement: Placement, rank: int) -> KVExchange:
     return found
 
 
+# Key counts are rounded up to this many sizes per doubling (at most 1/4 more keys).
+_SIZES_PER_DOUBLING = 4
+
+
+def padded_keys(keys: int, seq_len: int) -> int:
+    """``keys`` rounded up to one of a few sizes (four per doubling, multiples of
+    :data:`ALIGN`, at most ``seq_len``): the key count the masked all-gather's kernel sees.
+
+    A new batch's documents change how many keys a rank fetches; FlexAttention compiles
+    static shapes, and one graph per size keeps its static kernels without a compile per
+    batch. The added keys are zeros no query sees."""
+    if keys >= seq_len:
+        return keys
+    step = max(ALIGN, (1 << max(keys.bit_length() - 1, 0)) // _SIZES_PER_DOUBLING)
+    step = -(-step // ALIGN) * ALIGN
+    return min(-(-keys // step) * step, seq_len)
+
+
 def _wire(x: Tensor, n: int) -> Tensor:
     """An empty ``[n, 2, B, H, D]`` buffer for ``n`` keys of ``x``'s K and V, key-major: each
     peer's keys are one contiguous piece of it, whatever B and H are."""
@@ -201,11 +221,16 @@ def _start_exchange(
 
 class _FetchKV(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, k: Tensor, v: Tensor, ex: KVExchange, group: dist.ProcessGroup):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any, k: Tensor, v: Tensor, ex: KVExchange, group: dist.ProcessGroup, keys: int
+    ):
         dev = k.device
         b, h, _, d = k.shape
         n = ex.positions.numel()
-        k_ext, v_ext = k.new_empty((b, h, n, d)), v.new_empty((b, h, n, d))
+        k_ext, v_ext = k.new_empty((b, h, keys, d)), v.new_empty((b, h, keys, d))
+        if keys > n:  # the padding no query sees: zeros, so a tile it shares stays finite
+            k_ext[:, :, n:].zero_()
+            v_ext[:, :, n:].zero_()
         own = ex.on(dev, ex.own_slots)
         pending = None
         if ex.most_fetched:  # some rank of the group fetches: every rank takes part
@@ -234,7 +259,7 @@ class _FetchKV(torch.autograd.Function):
         # One other term per key is one rounding of an exact sum; more accumulate wide.
         wide = dtype if len(ex.serve) <= 1 else accumulation_dtype(dtype)
         if not ex.most_fetched:
-            return dk_ext.index_select(2, own), dv_ext.index_select(2, own), None, None
+            return dk_ext.index_select(2, own), dv_ext.index_select(2, own), None, None, None
         # The fetched keys' gradients go back to their sources (from the slots they filled);
         # the own keys' are taken out while they travel.
         what = "returning the fetched keys' gradients"
@@ -249,12 +274,13 @@ class _FetchKV(torch.autograd.Function):
             received = received.to(wide)
             dk.index_add_(2, served, _as_keys(received, 0))
             dv.index_add_(2, served, _as_keys(received, 1))
-        return dk.to(dtype), dv.to(dtype), None, None
+        return dk.to(dtype), dv.to(dtype), None, None, None
 
 
 def fetch_kv(
-    k: Tensor, v: Tensor, ex: KVExchange, group: dist.ProcessGroup
+    k: Tensor, v: Tensor, ex: KVExchange, group: dist.ProcessGroup, keys: int = 0
 ) -> tuple[Tensor, Tensor]:
     """This rank's keys and values together with the fetched ones, in position order
-    (``ex.positions``); differentiable (the backward returns the fetched keys' gradients)."""
-    return _FetchKV.apply(k, v, ex, group)
+    (``ex.positions``), followed by zero keys up to ``keys`` when that is more;
+    differentiable (the backward returns the fetched keys' gradients)."""
+    return _FetchKV.apply(k, v, ex, group, max(keys, ex.positions.numel()))

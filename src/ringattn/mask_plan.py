@@ -124,12 +124,16 @@ def _cached_pair_plan(
     positions: Callable[[], tuple[Tensor, Tensor]],
     kernel: str,
     head_offset: int = 0,
+    keys: int = 0,
 ) -> BlockPlan:
     """The cached plan of one pair; ``positions()`` gives its (query, key) positions and
-    runs on a cache miss only."""
+    runs on a cache miss only. A partial pair is padded to ``keys`` keys where that is more
+    (see :meth:`PairMask.padded`)."""
     plan = _SINGLE.get(key)
     if plan is None:
         pair = PairMask.build(spec, *positions(), head_offset)
+        if pair.kind == "partial":
+            pair = pair.padded(keys)
         plan = block_plan(pair, 0, kernel, keep_empty=True)
         assert plan is not None
         if len(_SINGLE) >= _CACHE_LIMIT:
@@ -139,12 +143,22 @@ def _cached_pair_plan(
 
 
 def fetched_plan(
-    spec: MaskSpec, placement: Placement, rank: int, key_positions: Tensor, kernel: str
+    spec: MaskSpec,
+    placement: Placement,
+    rank: int,
+    key_positions: Tensor,
+    kernel: str,
+    keys: int = 0,
 ) -> BlockPlan:
     """One pair: the queries of ``rank`` against the keys it fetched (``key_positions``,
-    sorted; see :mod:`ringattn.kv_exchange`), as the masked all-gather computes it (cached)."""
-    key = (spec.key, placement, rank, kernel, "fetched")
-    return _cached_pair_plan(key, spec, lambda: (placement.positions(rank), key_positions), kernel)
+    sorted; see :mod:`ringattn.kv_exchange`), as the masked all-gather computes it (cached).
+    A partial pair is padded to ``keys`` keys (:func:`ringattn.kv_exchange.padded_keys`)."""
+    key = (spec.key, placement, rank, kernel, "fetched", keys)
+
+    def positions() -> tuple[Tensor, Tensor]:
+        return placement.positions(rank), key_positions
+
+    return _cached_pair_plan(key, spec, positions, kernel, keys=keys)
 
 
 def density(spec: MaskSpec) -> float:

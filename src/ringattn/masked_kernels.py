@@ -72,10 +72,10 @@ def _compiled_flex() -> Any:
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), _RECOMPILE_LIMIT))
-    # Shapes are static until one changes, then dynamic: the masked all-gather's key count
-    # changes with every batch's documents, and a static graph per count would compile again
-    # for each new batch (seconds each) until the recompile limit.
-    return torch.compile(flex_attention, dynamic=None, fullgraph=True)
+    # Static shapes: FlexAttention's dynamic-shape kernels are slower. The masked
+    # all-gather's key count, which changes with every batch's documents, comes rounded to
+    # a few sizes (ringattn.kv_exchange.padded_keys), so a run compiles one graph per size.
+    return torch.compile(flex_attention, dynamic=False, fullgraph=True)
 
 
 def _flex_function(device: torch.device) -> Any:

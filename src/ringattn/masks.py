@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -437,6 +437,18 @@ class PairMask:
         else:
             kind = "partial"
         return PairMask(spec, qpos, kpos, klo, khi, kind, visible, head_offset)
+
+    def padded(self, keys: int) -> PairMask:
+        """The same mask over ``keys`` local keys, the ones past ``kpos`` seen by no query
+        (they round a key count up to a size the compiled kernels already have). They repeat
+        the last key position, so a mask function still sees valid positions; the key
+        ranges, which leave them out, are unchanged."""
+        extra = keys - self.kpos.numel()
+        if extra <= 0:
+            return self
+        kpos = torch.cat([self.kpos, self.kpos[-1:].expand(extra)])
+        kind = "partial" if self.kind in ("full", "causal") else self.kind
+        return replace(self, kpos=kpos, kind=kind)
 
     def dense(self, batch: int, heads: int, device: torch.device | None = None) -> Tensor:
         """The explicit mask ``[R or batch, 1 or heads, Sq, Sk]`` (True = visible)."""

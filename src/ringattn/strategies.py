@@ -30,7 +30,7 @@ from .api import ring_attention
 from .checks import _call_key, checked_call
 from .comm import SequenceMesh, resolve_mesh
 from .kernels import Kernel, accumulation_dtype, causal_aligns_bottom_right, select_kernel
-from .kv_exchange import fetch_kv, kv_exchange
+from .kv_exchange import fetch_kv, kv_exchange, padded_keys
 from .layout import BlockPlan, chunk_ids, kv_heads_for_ulysses
 from .mask_calls import MaskArguments, check_masked, masked_call, placement_for
 from .mask_plan import density, fetched_plan, ring_plans, single_plan
@@ -558,8 +558,14 @@ def _masked_attention(
     if strategy == "allgather":
         # Only the keys the rank's queries can see travel, into one pair.
         exchange = kv_exchange(spec, placement, sm.rank)
-        plan = fetched_plan(spec, placement, sm.rank, exchange.positions, masked_kernel)
-        k_ext, v_ext = fetch_kv(k, v, exchange, sm.flat)
+        # Key counts rounded to a few sizes: a new batch's documents reuse compiled kernels.
+        keys = padded_keys(exchange.positions.numel(), spec.seq_len)
+        plan = fetched_plan(spec, placement, sm.rank, exchange.positions, masked_kernel, keys)
+        if plan.mask is not None:
+            keys = plan.mask.pair.kpos.numel()  # padded: a partial pair
+        else:
+            keys = exchange.positions.numel()
+        k_ext, v_ext = fetch_kv(k, v, exchange, sm.flat, keys)
         return _one_pair(q, k_ext, v_ext, plan, base.kernel, base.scale)
     if strategy == "ulysses":
         inner, inner_size, outer = sm.flat, sm.size, None
