@@ -164,8 +164,13 @@ def _pieces_unsorted() -> list[Patch]:
     def rank_order(ids, per_rank, planes, device):
         return rows(tuple(range(len(ids))), per_rank, planes, device)
 
+    slots = strategies._piece_slots
+
+    def rank_slots(ids, size, device):
+        return slots(tuple(range(len(ids))), size, device)
+
     return [
-        (strategies, "_pieces_by_position", lambda p, ids: p),
+        (strategies, "_piece_slots", rank_slots),
         (strategies, "_row_orders", rank_order),
     ]
 
@@ -191,7 +196,7 @@ def _clear_caches() -> None:
     checks._plans.cache_clear()
     strategies._PLANNED.clear()
     strategies._piece_ids.cache_clear()
-    strategies._sort_orders.cache_clear()
+    strategies._piece_slots.cache_clear()
     strategies._row_orders.cache_clear()
 
 

@@ -48,18 +48,6 @@ STRATEGIES: tuple[str, ...] = ("auto", "ring", "allgather", "ulysses", "hybrid")
 # --------------------------------------------------------------------------- pieces
 
 
-def _to_pieces(x: Tensor, pieces: int) -> Tensor:
-    """``[B, H, S, D]`` -> ``[pieces, B, H, S / pieces, D]`` (a copy)."""
-    b, h, s, d = x.shape
-    return x.reshape(b, h, pieces, s // pieces, d).permute(2, 0, 1, 3, 4).contiguous()
-
-
-def _from_pieces(p: Tensor) -> Tensor:
-    """``[pieces, B, H, C, D]`` -> ``[B, H, pieces * C, D]``."""
-    n, b, h, c, d = p.shape
-    return p.permute(1, 2, 0, 3, 4).reshape(b, h, n * c, d)
-
-
 @functools.lru_cache(maxsize=64)
 def _piece_ids(first_rank: int, ranks: int, world: int, layout: str) -> tuple[int, ...]:
     """Global chunk ids of ranks first_rank.. first_rank+ranks-1, in their local orders."""
@@ -68,83 +56,107 @@ def _piece_ids(first_rank: int, ranks: int, world: int, layout: str) -> tuple[in
     )
 
 
-@functools.lru_cache(maxsize=64)
-def _sort_orders(ids: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
-    """Index tensors that sort pieces with these chunk ids by position, and back."""
-    order = sorted(range(len(ids)), key=ids.__getitem__)
-    back = [0] * len(ids)
-    for i, j in enumerate(order):
-        back[j] = i
-    return (
-        torch.tensor(order, device=device),
-        torch.tensor(back, device=device),
-    )
-
-
-def _pieces_by_position(p: Tensor, ids: tuple[int, ...]) -> Tensor:
-    return p.index_select(0, _sort_orders(ids, p.device)[0])
-
-
-def _pieces_by_rank(p: Tensor, ids: tuple[int, ...]) -> Tensor:
-    return p.index_select(0, _sort_orders(ids, p.device)[1])
-
-
 # --------------------------------------------------------------------------- ulysses
+
+
+@functools.lru_cache(maxsize=64)
+def _piece_slots(ids: tuple[int, ...], size: int, device: torch.device) -> tuple[Tensor, ...]:
+    """Where a head exchange's pieces go. ``ids``: the chunk ids the group's ``size`` ranks
+    hold (by rank, then in local order). Returns the position-order slot of rank r's p-th
+    piece (``[size, per_rank]``) and, per slot, the rank and the piece that hold it."""
+    flat = torch.tensor(ids)
+    order = torch.argsort(flat)  # the (rank, piece) index of each slot
+    slot = torch.empty_like(order)
+    slot[order] = torch.arange(len(ids))
+    per_rank = len(ids) // size
+    return tuple(
+        t.to(device) for t in (slot.view(size, per_rank), order // per_rank, order % per_rank)
+    )
 
 
 @dataclass(frozen=True)
 class _HeadExchange:
-    """The all-to-all of one inner group: sequence shards <-> head shards."""
+    """The all-to-all of one inner group: sequence shards <-> head shards.
+
+    Tensors exchanged together (q, k and v; their gradients) share one all-to-all: each
+    launch costs the host more than the GPU time of packing them. Per peer the wire holds
+    each tensor's ``[B, H / n, S_local, D]`` (the peer's heads at this rank's positions, or
+    the reverse), so one tensor of a batch of one is sent as it is; one scatter
+    (``index_put_`` over the pieces' slots) puts the received pieces in position order, or
+    the outgoing ones in the peers' local order."""
 
     group: dist.ProcessGroup
     size: int
     ids: tuple[int, ...]  # chunk ids of the group's ranks, in rank then local order
 
-    def to_heads(self, x: Tensor) -> Tensor:
-        """``[B, H, S_local, D]`` -> ``[B, H / n, S_local * n, D]``, chunks in position order."""
-        b, h, s, d = x.shape
-        n = self.size
-        send = x.reshape(b, n, h // n, s, d).transpose(0, 1).contiguous()
+    def _exchange(self, send: Tensor) -> Tensor:
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)  # [source, B, H/n, S_local, D]
-        per_rank = len(self.ids) // n
-        pieces = recv.reshape(n, b, h // n, per_rank, s // per_rank, d)
-        pieces = pieces.permute(0, 3, 1, 2, 4, 5).reshape(n * per_rank, b, h // n, -1, d)
-        return _from_pieces(_pieces_by_position(pieces, self.ids))
+        comm.all_to_all_into(recv, send, [], [], self.group, "Ulysses' all-to-all").wait()
+        return recv
 
-    def to_sequence(self, y: Tensor) -> Tensor:
+    def to_heads(self, *xs: Tensor) -> tuple[Tensor, ...]:
+        """Each ``[B, H, S_local, D]`` -> ``[B, H / n, S_local * n, D]``, in position order."""
+        n, b = self.size, xs[0].size(0)
+        wire = [x.reshape(b, n, -1).transpose(0, 1) for x in xs]  # [n, B, H / n * S * D]
+        recv = self._exchange(torch.cat(wire, dim=2) if len(xs) > 1 else wire[0].contiguous())
+        slot = _piece_slots(self.ids, n, xs[0].device)[0]
+        per_rank = slot.size(1)
+        outs, start = [], 0
+        for x in xs:
+            _, h, s, d = x.shape
+            size = h // n * s * d
+            part = recv[:, :, start : start + size].view(n, b, h // n, per_rank, -1, d)
+            start += size
+            out = x.new_empty((b, h // n, n * per_rank, s // per_rank, d))
+            out[:, :, slot] = part.permute(1, 2, 0, 3, 4, 5)
+            outs.append(out.view(b, h // n, n * s, d))
+        return tuple(outs)
+
+    def to_sequence(self, *ys: Tensor) -> tuple[Tensor, ...]:
         """The inverse of :meth:`to_heads`."""
-        b, hn, s_all, d = y.shape
-        n, per_rank = self.size, len(self.ids) // self.size
-        pieces = _pieces_by_rank(_to_pieces(y, n * per_rank), self.ids)
-        c = s_all // (n * per_rank)
-        send = pieces.reshape(n, per_rank, b, hn, c, d).permute(0, 2, 3, 1, 4, 5).contiguous()
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)  # [head group, B, H/n, S_l, D]
-        recv = recv.reshape(n, b, hn, per_rank * c, d)
-        return recv.transpose(0, 1).reshape(b, n * hn, per_rank * c, d)
+        n, b = self.size, ys[0].size(0)
+        _, rank, piece = _piece_slots(self.ids, n, ys[0].device)
+        per_rank = len(self.ids) // n
+        sizes = [y.numel() // (b * n) for y in ys]
+        send = ys[0].new_empty((n, b, sum(sizes)))
+        start = 0
+        for y, size in zip(ys, sizes):
+            _, hn, s_all, d = y.shape
+            part = send[:, :, start : start + size].view(n, b, hn, per_rank, -1, d)
+            part.permute(1, 2, 0, 3, 4, 5)[:, :, rank, piece] = y.reshape(
+                b, hn, n * per_rank, -1, d
+            )
+            start += size
+        recv = self._exchange(send)
+        outs, start = [], 0
+        for y, size in zip(ys, sizes):
+            _, hn, s_all, d = y.shape
+            part = recv[:, :, start : start + size].view(n, b, hn, s_all // n, d)
+            start += size
+            outs.append(part.transpose(0, 1).reshape(b, n * hn, s_all // n, d))
+        return tuple(outs)
 
 
 class _ToHeads(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, exchange: _HeadExchange) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, exchange: _HeadExchange, *xs: Tensor):  # type: ignore[override]
         ctx.exchange = exchange
-        return exchange.to_heads(x)
+        return exchange.to_heads(*xs)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
-        return ctx.exchange.to_sequence(grad.contiguous()), None
+    def backward(ctx: Any, *grads: Tensor):  # type: ignore[override]
+        return None, *ctx.exchange.to_sequence(*(g.contiguous() for g in grads))
 
 
 class _ToSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, y: Tensor, exchange: _HeadExchange) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, exchange: _HeadExchange, y: Tensor) -> Tensor:  # type: ignore[override]
         ctx.exchange = exchange
-        return exchange.to_sequence(y)
+        return exchange.to_sequence(y)[0]
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
-        return ctx.exchange.to_heads(grad.contiguous()), None
+        return None, ctx.exchange.to_heads(grad.contiguous())[0]
 
 
 class _LocalAttention(torch.autograd.Function):
@@ -188,7 +200,7 @@ def _ulysses(
     if kv_heads != k.size(1):
         repeat = kv_heads // k.size(1)
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-    qh, kh, vh = (_ToHeads.apply(x, exchange) for x in (q, k, v))
+    qh, kh, vh = _ToHeads.apply(exchange, q, k, v)
     if outer is None:
         kernel = select_kernel(backend, qh, kh, vh, causal)
         scale_value = scale if scale is not None else q.size(-1) ** -0.5
@@ -197,7 +209,7 @@ def _ulysses(
         out = ring_attention(
             qh, kh, vh, outer, causal=causal, scale=scale, layout=layout, backend=backend
         )
-    return _ToSequence.apply(out, exchange)
+    return _ToSequence.apply(exchange, out)
 
 
 # --------------------------------------------------------------------------- allgather
@@ -580,7 +592,7 @@ def _masked_attention(
     if kv_heads != k.size(1):
         repeat = kv_heads // k.size(1)
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-    qh, kh, vh = (_ToHeads.apply(x, exchange) for x in (q, k, v))
+    qh, kh, vh = _ToHeads.apply(exchange, q, k, v)
     head_offset = (sm.rank - first) * (q.size(1) // inner_size)
     kernel = select_kernel(backend, qh, kh, vh, causal)
     kh, vh = kh.contiguous(), vh.contiguous()
@@ -595,7 +607,7 @@ def _masked_attention(
             ring_base, spec, merged, outer_rank, q.device, backend, head_offset=head_offset
         )
         out = RingAttentionFunction.apply(qh, kh, vh, call)[0]
-    return _ToSequence.apply(out, exchange)
+    return _ToSequence.apply(exchange, out)
 
 
 def _one_pair(
