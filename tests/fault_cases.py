@@ -69,10 +69,17 @@ def run_fault(rank: int, world: int, fault: str) -> dict:
     ``fault``: "raise_before_backward" (the last rank raises after the forward),
     "exit_before_call" (it dies before calling), "exit_mid_backward" (it dies between its
     forward and backward), "exit_during_backward" (it dies inside its backward ring, after
-    its first stage).
+    its first stage); "ulysses_exit_mid_backward" is the third through Ulysses' all-to-alls.
     """
     q, k, v = (x.requires_grad_() for x in _inputs())
-    ringattn.ring_attention(q.detach(), k.detach(), v.detach(), causal=True)  # agreed once
+    if fault.startswith("ulysses_"):
+        fault = fault.removeprefix("ulysses_")
+
+        def entry(q, k, v, causal):
+            return ringattn.attention(q, k, v, causal=causal, strategy="ulysses")
+    else:
+        entry = ringattn.ring_attention
+    entry(q.detach(), k.detach(), v.detach(), causal=True)  # agreed once
     last = rank == world - 1
     if last and fault == "exit_during_backward":
         # Die when the backward posts its second transfer: stage 1 has run, stage 2 has not.
@@ -92,7 +99,7 @@ def run_fault(rank: int, world: int, fault: str) -> dict:
         os._exit(3)
     start = time.monotonic()
     try:
-        out = ringattn.ring_attention(q, k, v, causal=True)
+        out = entry(q, k, v, causal=True)
         if last and fault == "raise_before_backward":
             raise RuntimeError("this rank fails before its backward")
         if last and fault == "exit_mid_backward":

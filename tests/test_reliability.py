@@ -52,6 +52,7 @@ TIMEOUT_S = 6
         ("exit_mid_backward", "backward stage 1 of 3"),
         ("exit_during_backward", "backward stage"),
         ("exit_before_call", "cross-rank check"),
+        ("ulysses_exit_mid_backward", "Ulysses' all-to-all"),
     ],
 )
 def test_a_rank_that_raises_or_dies_fails_the_others_in_bounded_time(fault, where) -> None:

@@ -20,6 +20,7 @@ __all__ = [
     "Ring",
     "all_gather",
     "all_to_all_into",
+    "all_to_all_now",
     "backend_device_types",
     "host_group",
     "resolve_group",
@@ -231,12 +232,16 @@ class PendingShift:
             for work in self.works:
                 work.wait()
         except Exception as err:  # noqa: BLE001 - re-raised with where it happened
-            raise RingCommunicationError(
-                f"ring_attention: {self.what}: the transfer with {self.peer} failed or timed "
-                f"out. Another rank probably raised, died or made a different call; its own "
-                f"error says why. ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
-            ) from err
+            raise _transfer_failed(self.what, self.peer, err) from err
         self.works = []
+
+
+def _transfer_failed(what: str, peer: str, err: Exception) -> RingCommunicationError:
+    return RingCommunicationError(
+        f"ring_attention: {what}: the transfer with {peer} failed or timed out. Another "
+        f"rank probably raised, died or made a different call; its own error says why. "
+        f"({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+    )
 
 
 class Ring:
@@ -325,6 +330,18 @@ def all_to_all_into(
         out, x, list(out_splits), list(x_splits), group=group, async_op=True
     )
     return PendingShift([work], what, "the other ranks of the group")
+
+
+def all_to_all_now(out: Tensor, x: Tensor, group: dist.ProcessGroup, what: str) -> None:
+    """Equal shares of ``x`` to every rank of ``group``, in rank order, into ``out``;
+    returns when ``out`` is safe to read on the current stream. For a transfer whose result
+    is needed at once: on NCCL (torch >= 2.8) a collective that is not asynchronous runs on
+    the caller's stream, which spares the host the asynchronous one's event handshakes and
+    its work handle. Every rank of ``group`` must call it."""
+    try:
+        dist.all_to_all_single(out, x, group=group)
+    except Exception as err:  # noqa: BLE001 - re-raised with where it happened
+        raise _transfer_failed(what, "the other ranks of the group", err) from err
 
 
 _RINGS: dict[dist.ProcessGroup, Ring] = {}

@@ -91,7 +91,7 @@ class _HeadExchange:
 
     def _exchange(self, send: Tensor) -> Tensor:
         recv = torch.empty_like(send)
-        comm.all_to_all_into(recv, send, [], [], self.group, "Ulysses' all-to-all").wait()
+        comm.all_to_all_now(recv, send, self.group, "Ulysses' all-to-all")
         return recv
 
     def to_heads(self, *xs: Tensor) -> tuple[Tensor, ...]:
