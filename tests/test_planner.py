@@ -41,7 +41,33 @@ def test_two_gpu_ring_prediction_matches_the_arithmetic() -> None:
 
     assert ring.compute_ms == pytest.approx(ms(16384, 16384, True) + ms(8192, 16384, False), 1e-3)
     assert ring.exposed_comm_ms == 0.0
-    assert ring.total_ms == pytest.approx(ring.compute_ms, 1e-3)
+    # The second block merges into the first: output, then dq (bfloat16 accumulators: read
+    # both, write one; on half the ranks only half the queries), and dK/dV once.
+    q_elements, kv_elements = 32 * 16384 * 128, 2 * 8 * 16384 * 128
+    merges = (2 * q_elements * 6 * 0.75 + kv_elements * 6) / (H200.memory_gbs * 1e9) * 1e3
+    assert ring.other_ms == pytest.approx(merges, 1e-3)
+    assert ring.total_ms == pytest.approx(ring.compute_ms + merges, 1e-3)
+
+
+def test_more_ring_steps_merge_in_float32() -> None:
+    """Four ranks: three merges per pass into float32 accumulators, widened and rounded once;
+    dK/dV summed over three steps."""
+    p = Problem(gpus=4, seq_len=65536, heads=32, kv_heads=8, head_dim=128, gpus_per_node=4)
+    ring = next(r for r in plan(p, H200) if r.strategy == "ring")
+    q_elements, kv_elements = 32 * 16384 * 128, 2 * 8 * 16384 * 128
+    per_element = 4 + 2 + 4
+    traffic = 2 * q_elements * per_element * 3 * 0.75 + kv_elements * per_element * 3
+    traffic += 2 * q_elements * 2 * (2 + 4)
+    assert ring.other_ms == pytest.approx(traffic / (H200.memory_gbs * 1e9) * 1e3, 1e-3)
+
+
+def test_allgather_prices_its_reorder_and_float32_gradient_sums() -> None:
+    """Full attention: the gathered K/V reordered (read, write), their float32 dK/dV zeroed,
+    added once, reordered for the reduce-scatter: 13 bytes moved per gathered byte."""
+    p = Problem(gpus=4, seq_len=32768, heads=32, kv_heads=8, head_dim=128, causal=False)
+    allgather = next(r for r in plan(p, H200) if r.strategy == "allgather")
+    held = 2 * 8 * 32768 * 128 * 2
+    assert allgather.other_ms == pytest.approx(13 * held / (H200.memory_gbs * 1e9) * 1e3, 1e-3)
 
 
 def test_slow_point_to_point_links_move_the_pick_off_the_ring() -> None:

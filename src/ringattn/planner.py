@@ -9,8 +9,11 @@ The cost model, per rank, forward plus backward of one attention layer:
 - Communication: bytes over the link's bandwidth (GB/s per GPU, intra- or inter-node), plus
   a latency per message. The ring overlaps each step's transfer with the previous step's
   compute, so only the excess shows; all-gather, reduce-scatter and all-to-all are exposed.
-- Ulysses and hybrid also copy their tensors to and from the head-sharded layout (device
-  memory bandwidth); every strategy pays a host time per call that bounds short sequences.
+- Ulysses and hybrid also copy their tensors to and from the head-sharded layout, the
+  ring merges every block after the first into its accumulators (outputs, dq, dK/dV in
+  float32 beyond two blocks), and the all-gather reorders the gathered K/V and sums their
+  gradients in float32: device memory traffic over its bandwidth. Every strategy
+  pays a host time per call that bounds short sequences.
 - Memory: inputs, outputs and gradients of this rank plus each strategy's own buffers.
 
 ``ringattn calibrate`` measures the constants on the current machine; ``ringattn plan``
@@ -236,6 +239,46 @@ def _ring_ms(
     return sum(steps), exposed, used
 
 
+def _ring_merges_ms(
+    cal: Calibration, p: Problem, steps: int, heads: int, kv_heads: int, local: float
+) -> float:
+    """Device memory traffic of a ring's merges and sums over ``steps`` computed blocks.
+
+    Every block after the first merges its output into the accumulator and, in the
+    backward, adds its dq; dK/dV messages are summed on their way round. Beyond two blocks
+    the accumulators are float32 (the first term widened, the result rounded once). Under
+    a causal zigzag, half the later blocks cover half the queries."""
+    if steps <= 1:
+        return 0.0
+    b = _DTYPE_BYTES[p.dtype]
+    wide = steps > 2
+    acc = 4 if wide else b
+    per_element = 2 * acc + b  # read the accumulator and the block's term, write it back
+    q_elements = p.batch * heads * local * p.head_dim
+    kv_elements = 2 * p.batch * kv_heads * local * p.head_dim
+    share = 0.75 if p.causal else 1.0
+    total = 2 * q_elements * per_element * (steps - 1) * share  # out, then dq
+    total += kv_elements * per_element * (steps - 1)
+    if wide:
+        total += 2 * q_elements * 2 * (b + acc)  # widen the first term, round the result
+    return total / (cal.memory_gbs * 1e9) * 1e3
+
+
+def _allgather_copies_ms(cal: Calibration, p: Problem, local: float, held: float) -> float:
+    """Device memory traffic of the all-gather beside its kernels: the gathered K/V put in
+    position order (``held`` bytes), their dK/dV summed in float32 (zeroed, each call's
+    added, reordered for the reduce-scatter) and, causal, each query chunk's prefix merged
+    and the chunks' outputs and dq joined."""
+    b = _DTYPE_BYTES[p.dtype]
+    wide = held * 4 / b
+    total = 2 * held + wide + 2 * wide
+    # Causal zigzag calls cover 2N + 1 of the 2N chunks' keys (the diagonals twice).
+    total += (2 * wide + held) * ((2 * p.gpus + 1) / (2 * p.gpus) if p.causal else 1.0)
+    if p.causal:
+        total += p.batch * p.heads * local * p.head_dim * 7 * b
+    return total / (cal.memory_gbs * 1e9) * 1e3
+
+
 def _row(
     strategy: str,
     compute: float,
@@ -283,7 +326,8 @@ def plan(problem: Problem, calibration: Calibration | None = None) -> list[PlanR
         compute *= _RECOMPUTED
     ring_mem = base_mem + 3 * kv_local + (2 * kv_local * 4 / b if n > 2 else kv_local)
     host = steps * cal.host_us_per_step * 1e-3
-    rows.append(_row("ring", compute, comm, 0.0, host, ring_mem, cal))
+    merges = _ring_merges_ms(cal, p, steps, p.heads, p.kv_heads, local)
+    rows.append(_row("ring", compute, comm, merges, host, ring_mem, cal))
 
     if n > 1:
         half = local / 2
@@ -301,7 +345,8 @@ def plan(problem: Problem, calibration: Calibration | None = None) -> list[PlanR
         comm = gather + scatter + 2 * cal.latency_us * 1e-3
         held = kv_local + others
         mem = base_mem + held * (1 + 4 / b) + held * 4 / b
-        rows.append(_row("allgather", compute, comm, 0.0, host_call, mem, cal))
+        copies = _allgather_copies_ms(cal, p, local, held)
+        rows.append(_row("allgather", compute, comm, copies, host_call, mem, cal))
 
     for inner in _ulysses_sizes(p):
         outer = n // inner
@@ -317,10 +362,12 @@ def plan(problem: Problem, calibration: Calibration | None = None) -> list[PlanR
             )
             if p.ring_recompute:
                 compute *= _RECOMPUTED
+        ring_merges = _ring_merges_ms(cal, p, ring_steps, heads_here, kv_here, ring_local)
         elements = p.batch * local * p.head_dim * (2 * p.heads + 2 * kv)  # q, k, v, out
         a2a_bytes = 2 * elements * b * (inner - 1) / inner  # forward and backward alike
         a2a = a2a_bytes / (_link(cal, p, inner, p2p=False) * 1e9) * 1e3 + 4 * cal.latency_us * 1e-3
         copies = 4 * elements * b / (cal.memory_gbs * 1e9) * 1e3  # to and from, both passes
+        copies += ring_merges
         mem = base_mem + 2 * elements * b
         if outer > 1:
             mem += 3 * 2 * p.batch * kv_here * ring_local * p.head_dim * b
