@@ -22,7 +22,7 @@ from mask_cases import (
 )
 from ringattn import masked_kernels
 from ringattn.balance import balanced_placement, layout_placement
-from ringattn.mask_plan import ring_plans
+from ringattn.mask_plan import ring_plans, ring_steps
 from ringattn.masks import MaskSpec, PairMask
 
 from distributed import run_ranks
@@ -203,6 +203,7 @@ def test_ring_plan_computes_every_visible_pair_once_and_skips_empty_ones(world: 
             plans = ring_plans(spec, placement, "math", rank)
             nxt = ring_plans(spec, placement, "math", (rank + 1) % world)
             assert plans.steps == nxt.steps  # every rank runs the same number of steps
+            assert ring_steps(spec, placement) == plans.steps  # what the planner prices
             assert (plans.next_last_plan is None) == (nxt.plans[-1] is None)
             qpos = placement.positions(rank)
             for step, plan in enumerate(plans.plans):
@@ -248,6 +249,39 @@ def test_a_window_reaches_only_its_neighbours() -> None:
         for rank in range(world):
             plans = ring_plans(spec, layout_placement(s, world, "contiguous"), "math", rank)
             assert plans.steps == reach + 1, (w, rank, plans.steps)
+        assert ring_steps(spec, layout_placement(s, world, "contiguous")) == reach + 1
+
+
+def test_the_priced_ring_length_counts_keys_at_the_window_edges() -> None:
+    """A neighbour's key at the very edge of a query's interval is enough for a step:
+    a window of one key to the left reaches the previous rank (one step), one to the right
+    the next rank (whose K/V arrive last, after ``world - 1`` steps)."""
+    for world in (2, 3, 4):
+        s = world * 32
+        placement = layout_placement(s, world, "contiguous")
+        for window, reach in (((0, 0), 0), ((1, 0), 1), ((0, 1), world - 1)):
+            spec = MaskSpec.build(None, False, window, None, s)
+            assert ring_plans(spec, placement, "math", 0).steps == reach + 1
+            assert ring_steps(spec, placement) == reach + 1, (world, window)
+
+
+def test_the_priced_ring_length_is_the_planned_one_for_batch_rows() -> None:
+    """Per-row documents (each batch row its own packing) and a mask function: the ring's
+    length the planner prices is the one its plans run."""
+    rnd = random.Random(7)
+    for world in (2, 3, 4):
+        for _ in range(6):
+            s = world * 2 * rnd.choice([8, 16, 24])
+            rows = []
+            for _ in range(3):
+                cuts = sorted(rnd.sample(range(1, s), rnd.randint(0, 5)))
+                rows.append([b - a for a, b in zip([0, *cuts], [*cuts, s])])
+            docs = ringattn.Documents.from_lengths(rows)
+            window = rnd.choice([None, (5, 0), (s // world, 3)])
+            spec = MaskSpec.build(docs, True, window, lambda b, h, q, k: q >= k, s)
+            placement = balanced_placement(docs, world)
+            want = ring_plans(spec, placement, "math", 0).steps
+            assert ring_steps(spec, placement) == want, (world, rows, window)
 
 
 def test_merge_adds_nothing_for_rows_that_see_nothing() -> None:

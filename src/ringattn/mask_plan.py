@@ -27,7 +27,14 @@ from .layout import BlockPlan, Part
 from .masked_kernels import MaskedBlock
 from .masks import MaskSpec, PairMask
 
-__all__ = ["MaskedPlans", "block_plan", "fetched_plan", "ring_plans", "single_plan"]
+__all__ = [
+    "MaskedPlans",
+    "block_plan",
+    "fetched_plan",
+    "ring_plans",
+    "ring_steps",
+    "single_plan",
+]
 
 
 def block_plan(pair: PairMask, source: int, kernel: str, keep_empty: bool) -> BlockPlan | None:
@@ -102,6 +109,37 @@ def ring_plans(
     if len(_CACHE) > _CACHE_LIMIT:
         _CACHE.popitem(last=False)
     return found
+
+
+def ring_steps(spec: MaskSpec, placement: Placement) -> int:
+    """How many steps the masked ring runs (``ring_plans(...).steps``), for pricing it
+    without building its pairs (cached). A rank's queries see some key of a source when
+    some query's key interval overlaps one of the source's chunks: per rank, the chunks
+    its intervals cover, from a difference array over chunk indices."""
+    key = (spec.key, placement)
+    found = _STEPS.get(key)
+    if found is not None:
+        return found
+    world, chunk = placement.world_size, placement.chunk
+    chunks = sum(len(ids) for ids in placement.ids)
+    last = 0  # the local pair always runs
+    for r in range(world):
+        lo, hi = spec.key_interval(placement.positions(r))
+        some = hi >= lo
+        cover = torch.zeros(chunks + 1, dtype=torch.int64)
+        cover.index_add_(0, lo[some] // chunk, torch.ones_like(lo[some]))
+        cover.index_add_(0, hi[some] // chunk + 1, -torch.ones_like(hi[some]))
+        covered = (cover.cumsum(0)[:chunks] > 0).tolist()
+        for src in range(world):
+            if any(covered[c] for c in placement.ids[src]):
+                last = max(last, (r - src) % world)
+    found = _STEPS[key] = last + 1
+    if len(_STEPS) > _CACHE_LIMIT:
+        _STEPS.popitem(last=False)
+    return found
+
+
+_STEPS: OrderedDict[tuple, int] = OrderedDict()
 
 
 def single_plan(spec: MaskSpec, kernel: str, head_offset: int = 0) -> BlockPlan:

@@ -33,7 +33,7 @@ from .kernels import Kernel, accumulation_dtype, causal_aligns_bottom_right, sel
 from .kv_exchange import fetch_kv, kv_exchange, padded_keys
 from .layout import BlockPlan, chunk_ids, kv_heads_for_ulysses
 from .mask_calls import MaskArguments, check_masked, masked_call, placement_for
-from .mask_plan import density, fetched_plan, ring_plans, single_plan
+from .mask_plan import density, fetched_plan, ring_steps, single_plan
 from .masked_kernels import masked_kernel_for
 from .masks import Documents, MaskMod, MaskSpec
 from .merge import merge_into
@@ -544,7 +544,7 @@ def _masked_attention(
     if strategy == "auto" and q.size(2) % 2:
         strategy = "ring"  # the cost model prices zigzag shards (an even local length)
     if strategy == "auto":
-        steps = ring_plans(spec, placement, masked_kernel, sm.rank).steps
+        steps = ring_steps(spec, placement)  # the ring's plans are built only if it runs
         others = spec.seq_len - q.size(2)
         fetched = kv_exchange(spec, placement, sm.rank).most_fetched
         strategy = choose_strategy(
