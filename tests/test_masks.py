@@ -203,7 +203,7 @@ def test_ring_plan_computes_every_visible_pair_once_and_skips_empty_ones(world: 
             plans = ring_plans(spec, placement, "math", rank)
             nxt = ring_plans(spec, placement, "math", (rank + 1) % world)
             assert plans.steps == nxt.steps  # every rank runs the same number of steps
-            assert ring_steps(spec, placement) == plans.steps  # what the planner prices
+            assert plans.steps == _ring_length(spec, placement)
             assert (plans.next_last_plan is None) == (nxt.plans[-1] is None)
             qpos = placement.positions(rank)
             for step, plan in enumerate(plans.plans):
@@ -233,6 +233,21 @@ def test_ring_plan_computes_every_visible_pair_once_and_skips_empty_ones(world: 
             )
         )[:, 0]
         assert torch.equal(seen, want.long()), (trial, world, causal, window)
+
+
+def _ring_length(spec: MaskSpec, placement) -> int:
+    """The ring's length counted pair by pair: one past the last step at which some rank's
+    queries see a key of the arriving block (the local step always runs)."""
+    world = placement.world_size
+    return 1 + max(
+        step
+        for r in range(world)
+        for step in range(world)
+        if step == 0
+        or PairMask.build(
+            spec, placement.positions(r), placement.positions((r - step) % world)
+        ).visible
+    )
 
 
 def _lengths_of(docs, s: int) -> list[int]:
@@ -280,8 +295,9 @@ def test_the_priced_ring_length_is_the_planned_one_for_batch_rows() -> None:
             window = rnd.choice([None, (5, 0), (s // world, 3)])
             spec = MaskSpec.build(docs, True, window, lambda b, h, q, k: q >= k, s)
             placement = balanced_placement(docs, world)
-            want = ring_plans(spec, placement, "math", 0).steps
+            want = _ring_length(spec, placement)
             assert ring_steps(spec, placement) == want, (world, rows, window)
+            assert ring_plans(spec, placement, "math", 0).steps == want
 
 
 def test_merge_adds_nothing_for_rows_that_see_nothing() -> None:

@@ -51,12 +51,11 @@ def block_plan(pair: PairMask, source: int, kernel: str, keep_empty: bool) -> Bl
 @dataclass(frozen=True)
 class MaskedPlans:
     """The ring plans of one rank (truncated to the steps some rank needs), with what the
-    ring needs of the next rank's plans, and the visible work of every rank."""
+    ring needs of the next rank's plans."""
 
     rank: int
     plans: tuple[BlockPlan | None, ...]  # this rank's, per step
     next_last_plan: BlockPlan | None  # the next rank's last-step plan (only its part matters)
-    visible: tuple[int, ...]  # visible (row, query, key) triples per rank
 
     @property
     def steps(self) -> int:
@@ -74,8 +73,8 @@ def ring_plans(
 ) -> MaskedPlans:
     """The plans of ``rank`` in a ring over ``placement``'s ranks under ``spec`` (cached).
 
-    Every rank's pairs are classified (the ring's length depends on all of them); only this
-    rank's keep their masks.
+    The ring's length comes from every rank's key intervals (:func:`ring_steps`); only this
+    rank's pairs, up to that length, are built and keep their masks.
     """
     key = (spec.key, placement, kernel, rank, head_offset)
     found = _CACHE.get(key)
@@ -83,28 +82,24 @@ def ring_plans(
         _CACHE.move_to_end(key)
         return found
     world = placement.world_size
-    kinds: list[list[str]] = []
-    visible = []
+    steps = ring_steps(spec, placement)
+    qpos = placement.positions(rank)
     mine: list[BlockPlan | None] = []
-    for r in range(world):
-        qpos = placement.positions(r)
-        row, seen = [], 0
-        for step in range(world):
-            source = (r - step) % world
-            pair = PairMask.build(spec, qpos, placement.positions(source), head_offset)
-            seen += pair.visible
-            row.append("local" if step == 0 else pair.kind)  # the local pair always runs
-            if r == rank:
-                mine.append(block_plan(pair, source, kernel, keep_empty=step == 0))
-        kinds.append(row)
-        visible.append(seen)
-    last = max(max(s for s, kind in enumerate(row) if kind != "empty") for row in kinds)
+    for step in range(steps):
+        source = (rank - step) % world
+        pair = PairMask.build(spec, qpos, placement.positions(source), head_offset)
+        mine.append(block_plan(pair, source, kernel, keep_empty=step == 0))
+    last = steps - 1
     nxt = (rank + 1) % world
+    source = (nxt - last) % world
     next_last = None
-    if kinds[nxt][last] != "empty":
+    if (
+        last == 0
+        or PairMask.build(spec, placement.positions(nxt), placement.positions(source)).visible
+    ):
         # Only whether it runs and which part of this rank's K/V it covers (all) matter.
-        next_last = BlockPlan((nxt - last) % world, Part.ALL, Part.ALL, causal=False)
-    found = MaskedPlans(rank, tuple(mine[: last + 1]), next_last, tuple(visible))
+        next_last = BlockPlan(source, Part.ALL, Part.ALL, causal=False)
+    found = MaskedPlans(rank, tuple(mine), next_last)
     _CACHE[key] = found
     if len(_CACHE) > _CACHE_LIMIT:
         _CACHE.popitem(last=False)
