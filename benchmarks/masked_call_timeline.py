@@ -26,7 +26,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from masks_bench import heavy_tailed_lengths  # noqa: E402
+from masks_bench import gpu_rank_inputs, heavy_tailed_lengths  # noqa: E402
 
 import ringattn  # noqa: E402
 from ringattn import comm, kv_exchange, masked_kernels, strategies  # noqa: E402
@@ -171,17 +171,10 @@ def main() -> int:
         help="instead of the profile: each stage's median host us over N calls, no profiler",
     )
     args = p.parse_args()
-    dist.init_process_group("nccl")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.cuda.set_device(rank % torch.cuda.device_count())
-    dev = torch.device("cuda", torch.cuda.current_device())
     seq = args.seq_len
+    rank, world, q, k, v = gpu_rank_inputs(seq)
+    dev = q.device
     lengths = heavy_tailed_lengths(seq, 4096, 2 * world)
-    g = torch.Generator(device=dev).manual_seed(0)
-    q, k, v = (
-        torch.randn((1, h, seq, 128), generator=g, device=dev, dtype=torch.bfloat16)
-        for h in (32, 8, 8)
-    )
     texts = []
 
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention

@@ -84,6 +84,22 @@ class Case:
         return (positions + 1).clamp(min=self.prefix)
 
 
+def gpu_rank_inputs(seq: int) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the one-purpose GPU scripts beside this bench: NCCL set up on this rank's GPU,
+    then ``(rank, world, q, k, v)``, the full sequence's bf16 inputs (32/8 heads x 128,
+    batch 1, the same on every rank)."""
+    dist.init_process_group("nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.cuda.set_device(rank % torch.cuda.device_count())
+    dev = torch.device("cuda", torch.cuda.current_device())
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (
+        torch.randn((1, h, seq, 128), generator=g, device=dev, dtype=torch.bfloat16)
+        for h in (32, 8, 8)
+    )
+    return rank, world, q, k, v
+
+
 def heavy_tailed_lengths(seq: int, mean: int, unit: int, seed: int = 0) -> list[int]:
     """Document lengths summing to ``seq``: one long document (a quarter of the batch) and
     log-normal lengths of mean about ``mean``; multiples of ``unit`` (PyTorch's per-document

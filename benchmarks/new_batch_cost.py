@@ -24,7 +24,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from masks_bench import heavy_tailed_lengths  # noqa: E402
+from masks_bench import gpu_rank_inputs, heavy_tailed_lengths  # noqa: E402
 
 import ringattn  # noqa: E402
 
@@ -42,16 +42,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=14)
     p.add_argument("--warmup", type=int, default=6)
     args = p.parse_args()
-    dist.init_process_group("nccl")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.cuda.set_device(rank % torch.cuda.device_count())
-    dev = torch.device("cuda", torch.cuda.current_device())
     seq = args.seq_len
-    g = torch.Generator(device=dev).manual_seed(0)
-    q, k, v = (
-        torch.randn((1, h, seq, 128), generator=g, device=dev, dtype=torch.bfloat16)
-        for h in (32, 8, 8)
-    )
+    rank, world, q, k, v = gpu_rank_inputs(seq)
 
     def now() -> float:
         torch.cuda.synchronize()
