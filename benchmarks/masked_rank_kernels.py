@@ -1,0 +1,107 @@
+"""Each rank's share of the masked all-gather, timed alone on one GPU.
+
+``python benchmarks/masked_rank_kernels.py --ranks 4`` builds, in one process, what every
+rank of an N-rank masked all-gather computes for the masks bench's packed batch (64K
+tokens, heavy-tailed documents, causal): its queries, its own and fetched keys rounded up
+as the library rounds them, and the pair's BlockMask. It then runs each rank's
+FlexAttention forward+backward alone on this GPU, with no communication, and prints per
+rank the plan's facts (keys fetched and served, padded keys, visible pairs, BlockMask
+tiles) and the profiled kernel time. Ranks whose kernel times agree but whose calls do
+not finish together on N GPUs lose the difference outside attention (the exchange, and
+waits for the slower ranks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from masks_bench import heavy_tailed_lengths  # noqa: E402
+
+from ringattn.kv_exchange import kv_exchange, padded_keys  # noqa: E402
+from ringattn.mask_calls import placement_for  # noqa: E402
+from ringattn.mask_plan import fetched_plan  # noqa: E402
+from ringattn.masks import Documents, MaskSpec  # noqa: E402
+
+ITERS = 10
+
+
+def _kernel_ms(step) -> dict[str, float]:
+    """GPU time per call of ``step``: FlexAttention's forward and backward kernels, the rest."""
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(ITERS):
+            step()
+        torch.cuda.synchronize()
+    times = {"forward": 0.0, "backward": 0.0, "other": 0.0}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = e.name
+        kind = "other"
+        if "flex_attention_backward" in name:
+            kind = "backward"
+        elif "flex_attention" in name:
+            kind = "forward"
+        times[kind] += (e.time_range.end - e.time_range.start) / 1e3 / ITERS
+    return times
+
+
+def _pair_kernel_ms(block, queries: int, keys: int, dev: torch.device) -> dict[str, float]:  # noqa: ANN001
+    """One rank's pair (``block``, a MaskedBlock) on random bf16 inputs, 32/8 heads x 128."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (
+        torch.randn((1, h, n, 128), generator=g, device=dev, dtype=torch.bfloat16)
+        for h, n in ((32, queries), (8, keys), (8, keys))
+    )
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    dout = torch.randn_like(q)
+
+    def step() -> None:
+        out = block.attend(q, k, v, 128**-0.5)
+        torch.autograd.grad(out, (q, k, v), dout)
+
+    return _kernel_ms(step)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ranks", type=int, nargs="*", default=[4, 2])
+    p.add_argument("--seq-len", type=int, default=65536)
+    args = p.parse_args()
+    seq, dev = args.seq_len, torch.device("cuda")
+    for world in args.ranks:
+        lengths = heavy_tailed_lengths(seq, 4096, 2 * world)
+        spec = MaskSpec.build(Documents.from_lengths(lengths), True, None, None)
+        placement = placement_for(spec, world, "zigzag")
+        print(f"== {world} ranks, {seq} tokens, {len(lengths)} documents")
+        for rank in range(world):
+            ex = kv_exchange(spec, placement, rank)
+            keys = padded_keys(ex.positions.numel(), seq)
+            block = fetched_plan(spec, placement, rank, ex.positions, "flex", keys).mask
+            assert block is not None, "a packed batch's pair is partial"
+            bm = block.block_mask(torch.empty(1, 32, 1, 1, device=dev))
+            full, partial = int(bm.full_kv_num_blocks.sum()), int(bm.kv_num_blocks.sum())
+            ms = _pair_kernel_ms(block, placement.positions(rank).numel(), keys, dev)
+            total = sum(ms.values())
+            print(
+                f"rank {rank}: fetched {ex.fetched} keys, served {sum(ex.serve_counts)}, "
+                f"padded keys {keys}, visible pairs {block.pair.visible}, tiles full {full} "
+                f"partial {partial} | kernels forward {ms['forward']:.3f} backward "
+                f"{ms['backward']:.3f} other {ms['other']:.3f} = {total:.2f} ms",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
