@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from masks_bench import heavy_tailed_lengths  # noqa: E402
+from masks_bench import _gpu_spans, make_case  # noqa: E402
 
 from ringattn.kv_exchange import kv_exchange, padded_keys  # noqa: E402
 from ringattn.mask_calls import placement_for  # noqa: E402
@@ -43,16 +43,13 @@ def _kernel_ms(step) -> dict[str, float]:
             step()
         torch.cuda.synchronize()
     times = {"forward": 0.0, "backward": 0.0, "other": 0.0}
-    for e in prof.events():
-        if e.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        name = e.name
+    for start, end, name in _gpu_spans(prof.events()):
         kind = "other"
         if "flex_attention_backward" in name:
             kind = "backward"
         elif "flex_attention" in name:
             kind = "forward"
-        times[kind] += (e.time_range.end - e.time_range.start) / 1e3 / ITERS
+        times[kind] += (end - start) / 1e3 / ITERS
     return times
 
 
@@ -80,7 +77,7 @@ def main() -> int:
     args = p.parse_args()
     seq, dev = args.seq_len, torch.device("cuda")
     for world in args.ranks:
-        lengths = heavy_tailed_lengths(seq, 4096, 2 * world)
+        lengths = make_case(f"docs-{seq}", world, 4096, 0).lengths  # the masks bench's batch
         spec = MaskSpec.build(Documents.from_lengths(lengths), True, None, None)
         placement = placement_for(spec, world, "zigzag")
         print(f"== {world} ranks, {seq} tokens, {len(lengths)} documents")
