@@ -395,3 +395,88 @@ def run_triton_merge() -> list[dict]:
             }
         )
     return rows
+
+
+def run_key_rows() -> list[dict]:
+    """The Triton kernels of ringattn.key_rows against the same calls on CPU (PyTorch ops):
+    rows selected into strided key-major views, placed from them, and summed with a table of
+    up to three contributions per row. Returns one row per dtype and operation with the
+    largest absolute difference and whether Triton ran."""
+    from ringattn import key_rows
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    b, h, s, d, n = 2, 3, 1000, 72, 333  # rows not a multiple of the block, D not a power of 2
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        src = [torch.randn(b, h, s, d, generator=g).to(dtype) for _ in range(2)]
+        wire = torch.randn(n, 2, b, h, d, generator=g).to(dtype)
+        src_index = torch.randperm(s, generator=g)[:n]
+        dst_index = torch.randperm(s, generator=g)[:n]
+        own_index = torch.randperm(s, generator=g)[:500]
+        table = key_rows.contribution_table(torch.randint(0, 500, (n,), generator=g), 500)
+        results = {}
+        for dev in ("cpu", "cuda"):
+            on = [x.to(dev) for x in src]
+            w = wire.to(dev)
+            views = [w[:, j].permute(1, 2, 0, 3) for j in range(2)]
+            key_rows.copy_rows(views, None, on, src_index.to(dev))
+            dst = [torch.zeros(b, h, s, d, dtype=dtype, device=dev) for _ in range(2)]
+            key_rows.copy_rows(dst, dst_index.to(dev), views, None)
+            out = [torch.empty(b, h, 500, d, dtype=dtype, device=dev) for _ in range(2)]
+            key_rows.sum_rows(out, on, own_index.to(dev), views, table.to(dev))
+            results[dev] = {"select": w, "place": dst, "sum": out}
+            if dev == "cuda":
+                used = key_rows._use_triton(dst, views) and key_rows._use_triton(out, on, views)
+        for op in ("select", "place", "sum"):
+            cpu, cuda = results["cpu"][op], results["cuda"][op]
+            cpu, cuda = ([cpu], [cuda]) if isinstance(cpu, torch.Tensor) else (cpu, cuda)
+            diff = max(float((a - c.cpu()).abs().max()) for a, c in zip(cpu, cuda))
+            rows.append({"id": f"key-rows-{op}-{dtype}", "triton": used, "max_diff": diff})
+    return rows
+
+
+def run_head_exchange_rows() -> list[dict]:
+    """Ulysses' reorders on CUDA (the Triton row copy through a view of the whole wire)
+    against the same exchange's ``index_put_`` scatter, with the all-to-all replaced by
+    handing the send buffer back: to_heads' outputs and to_sequence's send buffer must be
+    identical. Zigzag and contiguous pieces, 2 and 4 ranks, a batch of 2, q/k/v head counts
+    of GQA."""
+    from ringattn import key_rows, strategies
+
+    rows = []
+    exchange_cls = strategies._HeadExchange
+    real_exchange, real_triton = exchange_cls._exchange, strategies.runs_triton
+    sent: list[torch.Tensor] = []
+
+    def hand_back(self, send):  # noqa: ANN001, ANN202
+        sent.append(send.clone())
+        return send.clone()
+
+    exchange_cls._exchange = hand_back
+    g = torch.Generator(device="cuda").manual_seed(0)
+    try:
+        for n in (2, 4):
+            for layout in ("zigzag", "contiguous"):
+                ex = exchange_cls(None, n, strategies._piece_ids(0, n, n, layout))
+                s = 6 * 2 * n  # positions per rank: whole pieces either way
+                q = torch.randn(2, 4 * n, s, 40, generator=g, device="cuda", dtype=torch.bfloat16)
+                k = torch.randn(2, n, s, 40, generator=g, device="cuda", dtype=torch.bfloat16)
+                got = {}
+                for mode in ("triton", "index_put"):
+                    strategies.runs_triton = real_triton if mode == "triton" else (lambda *_: False)
+                    sent.clear()
+                    heads = ex.to_heads(q, k, k)
+                    back = ex.to_sequence(*heads)
+                    got[mode] = (*heads, sent[-1], *back)
+                same = all(torch.equal(a, b) for a, b in zip(got["triton"], got["index_put"]))
+                rows.append(
+                    {
+                        "id": f"head-exchange-{n}-{layout}",
+                        "triton": key_rows.runs_triton(q),
+                        "same": same,
+                    }
+                )
+    finally:
+        exchange_cls._exchange = real_exchange
+        strategies.runs_triton = real_triton
+    return rows

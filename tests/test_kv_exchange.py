@@ -64,3 +64,57 @@ def test_ranks_that_hold_whole_documents_move_nothing() -> None:
     # One rank fetching is enough for every rank to take part.
     spec = MaskSpec.build(None, True, (1, 0), None, seq)
     assert all(kv_exchange(spec, placement, r).most_fetched == ALIGN for r in range(world))
+
+
+# --------------------------------------------------------------------------- key rows
+
+
+def test_contribution_table_lists_every_position_of_each_row() -> None:
+    from ringattn.key_rows import contribution_table
+
+    index = torch.tensor([3, 0, 3, 5, 3, 0])
+    table = contribution_table(index, 7)
+    assert table.tolist() == [
+        [1, -1, -1, 0, -1, 3, -1],
+        [5, -1, -1, 2, -1, -1, -1],
+        [-1, -1, -1, 4, -1, -1, -1],
+    ]
+    assert contribution_table(torch.zeros(0, dtype=torch.int64), 4).shape == (0, 4)
+
+
+def test_key_rows_copy_and_sum_as_loops_over_rows() -> None:
+    """copy_rows and sum_rows (PyTorch ops off CUDA; tests/test_gpu.py compares the Triton
+    kernels with these) against the same copies written one row at a time, in float64."""
+    from ringattn.key_rows import contribution_table, copy_rows, sum_rows
+
+    g = torch.Generator().manual_seed(0)
+    b, h, s, d = 2, 3, 50, 8
+    for dtype in (torch.float64, torch.bfloat16):
+        src = [torch.randn(b, h, s, d, generator=g).to(dtype) for _ in range(2)]
+        wire = torch.randn(20, 2, b, h, d, generator=g).to(dtype)  # key-major, as the exchange
+        views = [wire[:, j].permute(1, 2, 0, 3) for j in range(2)]
+        src_index = torch.randperm(s, generator=g)[:20]
+        dst_index = torch.randperm(s, generator=g)[:20]
+        # Select into strided views, place from them.
+        copy_rows(views, None, src, src_index)
+        for j in range(2):
+            for i, si in enumerate(src_index.tolist()):
+                assert torch.equal(views[j][:, :, i], src[j][:, :, si])
+        dst = [torch.zeros(b, h, s, d, dtype=dtype) for _ in range(2)]
+        copy_rows(dst, dst_index, views, None)
+        for j in range(2):
+            for i, di in enumerate(dst_index.tolist()):
+                assert torch.equal(dst[j][:, :, di], views[j][:, :, i])
+        # Sum: each row's own value plus every returned value listed for it, rounded once.
+        rows = 30
+        own_index = torch.randperm(s, generator=g)[:rows]
+        served = torch.randint(0, rows, (20,), generator=g)  # keys served to several ranks
+        table = contribution_table(served, rows)
+        assert table.size(0) > 1
+        out = [torch.empty(b, h, rows, d, dtype=dtype) for _ in range(2)]
+        sum_rows(out, src, own_index, views, table)
+        for j in range(2):
+            want = src[j][:, :, own_index].double()
+            for i, key in enumerate(served.tolist()):
+                want[:, :, key] += views[j][:, :, i].double()
+            assert torch.equal(out[j], want.to(dtype)), (dtype, j)

@@ -18,8 +18,10 @@ only W positions into the previous shard, so K/V travel ``W`` positions, not ``S
 documents fetch the documents a rank's queries are in.
 
 The backward returns the fetched keys' gradients to their owners, which add them to the
-gradients of their own queries: in the input dtype when at most one other rank fetched a
-key (one rounding of an exact sum of two), else in float32.
+gradients of their own queries: each own key's gradient and every gradient sent back for it
+summed in float32 and rounded once (a table lists each key's returned gradients, so the sum
+does not depend on their order). The selections, placements and the sum are indexed row
+copies (:mod:`ringattn.key_rows`: one Triton kernel each for K and V together on CUDA).
 
 Every rank computes the whole exchange from the mask and the placement alone (both agreed
 across ranks by the argument checks), so the sends and receives match without a handshake.
@@ -37,7 +39,7 @@ from torch import Tensor
 
 from . import comm
 from .balance import Placement
-from .kernels import accumulation_dtype
+from .key_rows import contribution_table, copy_rows, sum_rows
 from .masks import MaskSpec
 
 __all__ = ["ALIGN", "KVExchange", "fetch_kv", "kv_exchange", "padded_keys"]
@@ -63,6 +65,9 @@ class KVExchange:
     fetch_counts: tuple[int, ...]  # keys fetched from each rank
     serve_index: Tensor  # the local indices of ``serve``'s pieces, one after the other
     serve_counts: tuple[int, ...]  # keys served to each rank
+    # For each own key, where its gradients from the ranks it served arrive in the returned
+    # buffer (``serve_index``'s order), one per layer, -1 where fewer (key_rows.sum_rows).
+    serve_table: Tensor
     # Device copies of the index tensors above, made on first use (kept with the exchange).
     _on_device: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -140,6 +145,7 @@ def kv_exchange(spec: MaskSpec, placement: Placement, rank: int) -> KVExchange:
     for dst, idx in serve:
         serve_counts[dst] = int(idx.numel())
     empty = torch.zeros(0, dtype=torch.int64)
+    serve_index = torch.cat([empty, *(idx for _, idx in serve)])
     found = KVExchange(
         every[order],
         own_slots,
@@ -149,8 +155,9 @@ def kv_exchange(spec: MaskSpec, placement: Placement, rank: int) -> KVExchange:
         world,
         torch.cat([empty, *(slots for _, _, slots in fetch)]),
         tuple(fetch_counts),
-        torch.cat([empty, *(idx for _, idx in serve)]),
+        serve_index,
         tuple(serve_counts),
+        contribution_table(serve_index, own.numel()),
     )
     _CACHE[key] = found
     if len(_CACHE) > _CACHE_LIMIT:
@@ -205,8 +212,7 @@ def _start_exchange(
     b, h, _, d = k.shape
     per_key = 2 * b * h * d
     sent = _wire(k, sum(send_counts))
-    torch.index_select(k.permute(2, 0, 1, 3), 0, send_at, out=sent[:, 0])
-    torch.index_select(v.permute(2, 0, 1, 3), 0, send_at, out=sent[:, 1])
+    copy_rows((_as_keys(sent, 0), _as_keys(sent, 1)), None, (k, v), send_at)
     received = _wire(k, sum(recv_counts))
     pending = comm.all_to_all_into(
         received.view(-1),
@@ -239,15 +245,14 @@ class _FetchKV(torch.autograd.Function):
             counts = (ex.serve_counts, ex.fetch_counts)
             pending, received = _start_exchange(k, v, serve_at, *counts, group, what)
         # The own keys are laid out while the transfer runs.
-        k_ext.index_copy_(2, own, k)
-        v_ext.index_copy_(2, own, v)
+        copy_rows((k_ext, v_ext), own, (k, v), None)
         if pending is not None:
             pending.wait()
             if received.size(0):
                 slots = ex.on(dev, ex.fetch_slots)
-                k_ext.index_copy_(2, slots, _as_keys(received, 0))
-                v_ext.index_copy_(2, slots, _as_keys(received, 1))
-        ctx.ex, ctx.group = ex, group
+                fetched = (_as_keys(received, 0), _as_keys(received, 1))
+                copy_rows((k_ext, v_ext), slots, fetched, None)
+        ctx.ex, ctx.group, ctx.dtype = ex, group, k.dtype
         return k_ext, v_ext
 
     @staticmethod
@@ -255,26 +260,25 @@ class _FetchKV(torch.autograd.Function):
         ex, group = ctx.ex, ctx.group
         dev = dk_ext.device
         own = ex.on(dev, ex.own_slots)
-        dtype = dk_ext.dtype
-        # One other term per key is one rounding of an exact sum; more accumulate wide.
-        wide = dtype if len(ex.serve) <= 1 else accumulation_dtype(dtype)
-        if not ex.most_fetched:
-            return dk_ext.index_select(2, own), dv_ext.index_select(2, own), None, None, None
-        # The fetched keys' gradients go back to their sources (from the slots they filled);
-        # the own keys' are taken out while they travel.
-        what = "returning the fetched keys' gradients"
-        slots = ex.on(dev, ex.fetch_slots)
-        counts = (ex.fetch_counts, ex.serve_counts)
-        pending, received = _start_exchange(dk_ext, dv_ext, slots, *counts, group, what)
-        dk, dv = (g.index_select(2, own).to(wide) for g in (dk_ext, dv_ext))
-        pending.wait()
-        if received.size(0):
-            # A key served to several ranks appears once per rank: index_add_ sums them.
-            served = ex.on(dev, ex.serve_index)
-            received = received.to(wide)
-            dk.index_add_(2, served, _as_keys(received, 0))
-            dv.index_add_(2, served, _as_keys(received, 1))
-        return dk.to(dtype), dv.to(dtype), None, None, None
+        b, h, _, d = dk_ext.shape
+        dk, dv = (g.new_empty((b, h, own.numel(), d), dtype=ctx.dtype) for g in (dk_ext, dv_ext))
+        received = dk_ext.new_empty((0, 2, b, h, d))
+        if ex.most_fetched:
+            # The fetched keys' gradients go back to their sources (from the slots they
+            # filled).
+            what = "returning the fetched keys' gradients"
+            slots = ex.on(dev, ex.fetch_slots)
+            counts = (ex.fetch_counts, ex.serve_counts)
+            pending, received = _start_exchange(dk_ext, dv_ext, slots, *counts, group, what)
+            pending.wait()
+        # Each own key's gradient plus those returned for it (a key served to several ranks
+        # comes back once from each), summed wide and rounded once.
+        table = ex.on(dev, ex.serve_table)
+        if not received.size(0):
+            table = table[:0]
+        returned = (_as_keys(received, 0), _as_keys(received, 1))
+        sum_rows((dk, dv), (dk_ext, dv_ext), own, returned, table)
+        return dk, dv, None, None, None
 
 
 def fetch_kv(

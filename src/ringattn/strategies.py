@@ -30,6 +30,7 @@ from .api import ring_attention
 from .checks import _call_key, checked_call
 from .comm import SequenceMesh, resolve_mesh
 from .kernels import Kernel, accumulation_dtype, causal_aligns_bottom_right, select_kernel
+from .key_rows import copy_rows, runs_triton
 from .kv_exchange import fetch_kv, kv_exchange, padded_keys
 from .layout import BlockPlan, chunk_ids, kv_heads_for_ulysses
 from .mask_calls import MaskArguments, check_masked, masked_call, placement_for
@@ -74,6 +75,32 @@ def _piece_slots(ids: tuple[int, ...], size: int, device: torch.device) -> tuple
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _wire_rows(
+    ids: tuple[int, ...], size: int, s: int, rank_rows: int, device: torch.device
+) -> Tensor:
+    """For each position of the group's sequence (``size`` ranks of ``s`` positions, the
+    chunk ids ``ids`` by rank then local order), its row in :func:`_wire_view`: rank r's
+    piece p starts at row ``r * rank_rows + p * s / per_rank`` (``rank_rows``: the rows of
+    one rank's share of the wire, ``B * total / D``)."""
+    _, rank, piece = _piece_slots(ids, size, device)
+    per_rank = len(ids) // size
+    rows = s // per_rank
+    starts = rank * rank_rows + piece * rows  # per slot, in position order
+    return (starts[:, None] + torch.arange(rows, device=device)).flatten()
+
+
+def _wire_view(wire: Tensor, start: int, heads: int, s: int, d: int) -> Tensor:
+    """The ``[n, B, total]`` wire's part for one tensor (``heads`` x ``s`` positions x ``d``
+    per rank, from ``start`` of each rank's share) as one ``[B, heads, rows, D]`` view whose
+    rows run through every rank's share (rank r's rows start at ``r * B * total / D``): a
+    view that covers its storage more than once, read and written only through
+    :func:`_wire_rows`."""
+    n, b, total = wire.shape
+    rows = (n - 1) * b * total // d + s
+    return wire.as_strided((b, heads, rows, d), (total, s * d, d, 1), wire.storage_offset() + start)
+
+
 @dataclass(frozen=True)
 class _HeadExchange:
     """The all-to-all of one inner group: sequence shards <-> head shards.
@@ -81,9 +108,11 @@ class _HeadExchange:
     Tensors exchanged together (q, k and v; their gradients) share one all-to-all: each
     launch costs the host more than the GPU time of packing them. Per peer the wire holds
     each tensor's ``[B, H / n, S_local, D]`` (the peer's heads at this rank's positions, or
-    the reverse), so one tensor of a batch of one is sent as it is; one scatter
-    (``index_put_`` over the pieces' slots) puts the received pieces in position order, or
-    the outgoing ones in the peers' local order."""
+    the reverse), so one tensor of a batch of one is sent as it is. The received pieces go
+    to position order (and the outgoing ones to the peers' local order) by one indexed row
+    copy per tensor: on CUDA :func:`ringattn.key_rows.copy_rows` reads the wire through a
+    view whose rows span every rank's piece (:func:`_wire_rows` says which row holds each
+    position); elsewhere one scatter (``index_put_`` over the pieces' slots)."""
 
     group: dist.ProcessGroup
     size: int
@@ -105,12 +134,23 @@ class _HeadExchange:
         for x in xs:
             _, h, s, d = x.shape
             size = h // n * s * d
-            part = recv[:, :, start : start + size].view(n, b, h // n, per_rank, -1, d)
+            if runs_triton(x):
+                out = x.new_empty((b, h // n, n * s, d))
+                wire = _wire_view(recv, start, h // n, s, d)
+                copy_rows((out,), None, (wire,), self._rows(recv, s, d, x.device))
+            else:
+                part = recv[:, :, start : start + size].view(n, b, h // n, per_rank, -1, d)
+                out = x.new_empty((b, h // n, n * per_rank, s // per_rank, d))
+                out[:, :, slot] = part.permute(1, 2, 0, 3, 4, 5)
+                out = out.view(b, h // n, n * s, d)
+            outs.append(out)
             start += size
-            out = x.new_empty((b, h // n, n * per_rank, s // per_rank, d))
-            out[:, :, slot] = part.permute(1, 2, 0, 3, 4, 5)
-            outs.append(out.view(b, h // n, n * s, d))
         return tuple(outs)
+
+    def _rows(self, wire: Tensor, s: int, d: int, device: torch.device) -> Tensor:
+        """Which row of :func:`_wire_view` holds each position, for pieces of ``s`` rows per
+        rank on the ``[n, B, total]`` wire."""
+        return _wire_rows(self.ids, self.size, s, wire.size(1) * wire.size(2) // d, device)
 
     def to_sequence(self, *ys: Tensor) -> tuple[Tensor, ...]:
         """The inverse of :meth:`to_heads`."""
@@ -122,10 +162,14 @@ class _HeadExchange:
         start = 0
         for y, size in zip(ys, sizes):
             _, hn, s_all, d = y.shape
-            part = send[:, :, start : start + size].view(n, b, hn, per_rank, -1, d)
-            part.permute(1, 2, 0, 3, 4, 5)[:, :, rank, piece] = y.reshape(
-                b, hn, n * per_rank, -1, d
-            )
+            if runs_triton(y):
+                wire = _wire_view(send, start, hn, s_all // n, d)
+                copy_rows((wire,), self._rows(send, s_all // n, d, y.device), (y,), None)
+            else:
+                part = send[:, :, start : start + size].view(n, b, hn, per_rank, -1, d)
+                part.permute(1, 2, 0, 3, 4, 5)[:, :, rank, piece] = y.reshape(
+                    b, hn, n * per_rank, -1, d
+                )
             start += size
         recv = self._exchange(send)
         outs, start = [], 0
