@@ -9,6 +9,11 @@ autograd's backward) and when the GPU was busy or idle. A single call waits for 
 wherever the GPU is idle before FlexAttention's forward kernel starts. ``--stages N`` instead
 times each stage's host microseconds without the profiler (median of N calls), beside one
 GPU's forward call.
+
+``python benchmarks/masked_call_timeline.py --stages 15 --fake-ranks 4`` runs one rank of 4
+in one process on one GPU, over a process group whose collectives move nothing (PyTorch's
+``fake`` backend): the host's stages without NCCL's own launch cost, for a machine with one
+GPU.
 """
 
 from __future__ import annotations
@@ -164,6 +169,13 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=65536)
     p.add_argument("--host-ops", action="store_true", help="also every host op of 8 us or more")
     p.add_argument(
+        "--fake-ranks",
+        type=int,
+        default=0,
+        metavar="N",
+        help="one rank of N in this process, collectives moving nothing (one GPU)",
+    )
+    p.add_argument(
         "--stages",
         type=int,
         default=0,
@@ -172,7 +184,7 @@ def main() -> int:
     )
     args = p.parse_args()
     seq = args.seq_len
-    rank, world, q, k, v = gpu_rank_inputs(seq)
+    rank, world, q, k, v = gpu_rank_inputs(seq, fake_world=args.fake_ranks)
     dev = q.device
     lengths = heavy_tailed_lengths(seq, 4096, 2 * world)
     texts = []
@@ -225,8 +237,10 @@ def main() -> int:
         texts.append("--- ringattn all-gather\n" + _host_stages(ring_call, args.stages))
     else:
         texts.append(_timeline(_profile_one(ring_call), "ringattn all-gather", args.host_ops))
-    every: list = [None] * world
-    dist.all_gather_object(every, texts)
+    every: list = [texts]
+    if not args.fake_ranks:
+        every = [None] * world
+        dist.all_gather_object(every, texts)
     if rank == 0:
         for r, t in enumerate(every):
             print(f"===== rank {r}")

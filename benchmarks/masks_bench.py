@@ -84,11 +84,20 @@ class Case:
         return (positions + 1).clamp(min=self.prefix)
 
 
-def gpu_rank_inputs(seq: int) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]:
+def gpu_rank_inputs(
+    seq: int, fake_world: int = 0
+) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For the one-purpose GPU scripts beside this bench: NCCL set up on this rank's GPU,
     then ``(rank, world, q, k, v)``, the full sequence's bf16 inputs (32/8 heads x 128,
-    batch 1, the same on every rank)."""
-    dist.init_process_group("nccl")
+    batch 1, the same on every rank). ``fake_world=N`` makes this process rank 0 of N over
+    PyTorch's ``fake`` backend instead (collectives move nothing): host-time measurements
+    on one GPU."""
+    if fake_world:
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=fake_world)
+    else:
+        dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.cuda.set_device(rank % torch.cuda.device_count())
     dev = torch.device("cuda", torch.cuda.current_device())
