@@ -61,6 +61,18 @@ def _kernel_ms(step, by_name: bool = False) -> dict[str, float]:
     return times
 
 
+def _inputs(queries: int, keys: int, dev: torch.device) -> tuple[torch.Tensor, ...]:
+    """Random bf16 ``q`` (32 heads x ``queries``), ``k`` and ``v`` (8 heads x ``keys``), all
+    requiring gradients, and an output gradient; head dim 128, batch 1."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (
+        torch.randn((1, h, n, 128), generator=g, device=dev, dtype=torch.bfloat16)
+        for h, n in ((32, queries), (8, keys), (8, keys))
+    )
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    return q, k, v, torch.randn_like(q)
+
+
 class _Arrived:
     def wait(self) -> None:
         pass
@@ -76,13 +88,7 @@ def _rank_step_ms(ex, block, queries: int, keys: int, dev: torch.device) -> None
     """One rank's forward+backward with the exchange's copies (no transfer), with the Triton
     row kernels and with PyTorch ops: GPU time outside FlexAttention by kernel, and whether
     the gradients agree bit for bit."""
-    g = torch.Generator(device=dev).manual_seed(0)
-    q, k, v = (
-        torch.randn((1, h, queries, 128), generator=g, device=dev, dtype=torch.bfloat16)
-        for h in (32, 8, 8)
-    )
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
-    dout = torch.randn_like(q)
+    q, k, v, dout = _inputs(queries, queries, dev)
 
     def step() -> tuple[torch.Tensor, ...]:
         k_ext, v_ext = fetch_kv(k, v, ex, None, keys)
@@ -110,13 +116,7 @@ def _rank_step_ms(ex, block, queries: int, keys: int, dev: torch.device) -> None
 
 def _pair_kernel_ms(block, queries: int, keys: int, dev: torch.device) -> dict[str, float]:  # noqa: ANN001
     """One rank's pair (``block``, a MaskedBlock) on random bf16 inputs, 32/8 heads x 128."""
-    g = torch.Generator(device=dev).manual_seed(0)
-    q, k, v = (
-        torch.randn((1, h, n, 128), generator=g, device=dev, dtype=torch.bfloat16)
-        for h, n in ((32, queries), (8, keys), (8, keys))
-    )
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
-    dout = torch.randn_like(q)
+    q, k, v, dout = _inputs(queries, keys, dev)
 
     def step() -> None:
         out = block.attend(q, k, v, 128**-0.5)

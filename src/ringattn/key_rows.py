@@ -47,6 +47,19 @@ def _triton_kernels() -> Any:
         return None
 
     @triton.jit
+    def row_tile(rows, heads, dim, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        # This program's batch row and head (grid axis 1), its tile of rows (axis 0) and
+        # the tile's element mask.
+        bh = tl.program_id(1)
+        b = (bh // heads).to(tl.int64)
+        h = (bh % heads).to(tl.int64)
+        i = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+        ok = i < rows
+        d = tl.arange(0, BLOCK_D)
+        mask = ok[:, None] & (d[None, :] < dim)
+        return b, h, i, ok, d, mask
+
+    @triton.jit
     def copy_kernel(
         dst0,
         dst1,
@@ -68,19 +81,13 @@ def _triton_kernels() -> Any:
         BLOCK_S: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        bh = tl.program_id(1)
-        b = (bh // heads).to(tl.int64)
-        h = (bh % heads).to(tl.int64)
-        i = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
-        ok = i < rows
+        b, h, i, ok, d, mask = row_tile(rows, heads, dim, BLOCK_S, BLOCK_D)
         si = i.to(tl.int64)
         di = i.to(tl.int64)
         if HAS_SRC_INDEX:
             si = tl.load(src_index + i, mask=ok, other=0).to(tl.int64)
         if HAS_DST_INDEX:
             di = tl.load(dst_index + i, mask=ok, other=0).to(tl.int64)
-        d = tl.arange(0, BLOCK_D)
-        mask = ok[:, None] & (d[None, :] < dim)
         s_off = b * s_b + h * s_h + si[:, None] * s_s + d[None, :]
         d_off = b * d_b + h * d_h + di[:, None] * d_s + d[None, :]
         if tl.program_id(2) == 0:
@@ -116,14 +123,8 @@ def _triton_kernels() -> Any:
         BLOCK_S: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        bh = tl.program_id(1)
-        b = (bh // heads).to(tl.int64)
-        h = (bh % heads).to(tl.int64)
-        i = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
-        ok = i < rows
+        b, h, i, ok, d, mask = row_tile(rows, heads, dim, BLOCK_S, BLOCK_D)
         si = tl.load(src_index + i, mask=ok, other=0).to(tl.int64)
-        d = tl.arange(0, BLOCK_D)
-        mask = ok[:, None] & (d[None, :] < dim)
         s_off = b * s_b + h * s_h + si[:, None] * s_s + d[None, :]
         o_off = b * o_b + h * o_h + i.to(tl.int64)[:, None] * o_s + d[None, :]
         first = tl.program_id(2) == 0
